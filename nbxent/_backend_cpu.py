@@ -1,0 +1,224 @@
+"""The CPU backend: NumPy arrays in, NumPy arrays out, through the kernels of ``_cpu``.
+
+Both backends (this one and ``_backend_cuda``) offer the same two entry points, called by
+``api`` after the scalar options are validated:
+
+- ``xent(logits, targets, weight, opts, grad=..., grad_output=..., out=..., validate=..., stream=...)``
+  returns ``(loss, grad or None)``;
+- ``normalize(logits, mode, out, stream=...)`` returns the lse (mode ``MODE_LSE``) or the
+  softmax / log-softmax array.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from . import _checks
+from ._cpu import HALF_BF16, HALF_F16, MODE_LSE, normalize_rows, normalize_rows_16, xent_rows, xent_rows_16
+
+_LOCK = threading.Lock()
+_SAFE_LAYERS = ("tbb", "omp")
+
+
+def launch(kernel, *args) -> None:
+    """Run a parallel kernel; serialized when the threading layer is not thread-safe.
+
+    Numba's ``workqueue`` layer must not be entered from two threads at once; the layer is
+    only known after the first parallel call, so that call is serialized too.
+    """
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        layer = None
+    if layer in _SAFE_LAYERS:
+        kernel(*args)
+        return
+    with _LOCK:
+        kernel(*args)
+
+
+def _tasks(n_rows: int) -> int:
+    """Parallel tasks for the 16-bit kernels: a few per thread (each reuses one scratch row)."""
+    return min(n_rows, 4 * numba.get_num_threads())
+
+
+def acc_dtype(dtype: np.dtype) -> type:
+    """Accumulation dtype: float64 for float64 logits, float32 for everything else."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _half_code(dtype: np.dtype) -> int:
+    name = np.dtype(dtype).name
+    return HALF_F16 if name == "float16" else HALF_BF16 if name == "bfloat16" else 0
+
+
+def row_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """A 1-D view ``buf`` of ``a``'s memory and row offsets ``off`` such that
+    ``buf[off[i] : off[i] + V]`` is row ``i`` of ``a.reshape(-1, V)``, without copying.
+
+    Works for any layout whose last axis is contiguous and whose other strides are
+    non-negative multiples of the item size (row-strided views included); None otherwise.
+    16-bit arrays come back as uint16 views of their bits.
+    """
+    n_cols = a.shape[-1]
+    item = a.itemsize
+    lead_shape, lead_strides = a.shape[:-1], a.strides[:-1]
+    if n_cols > 1 and a.strides[-1] != item:
+        return None
+    if any(s < 0 or s % item for s in lead_strides):
+        return None
+    off = np.zeros(lead_shape, dtype=np.int64)
+    for axis, (size, stride) in enumerate(zip(lead_shape, lead_strides)):
+        index_shape = [1] * len(lead_shape)
+        index_shape[axis] = size
+        off += np.arange(size, dtype=np.int64).reshape(index_shape) * (stride // item)
+    off = off.reshape(-1)
+    span = int(off.max()) + n_cols if off.size else 0
+    if _half_code(a.dtype):
+        a = a.view(np.uint16)
+    buf = as_strided(a, shape=(span,), strides=(item,))
+    return buf, off
+
+
+def _rows_of(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``row_view`` of ``a``, or of a contiguous copy when its layout has no such view."""
+    view = row_view(a)
+    return view if view is not None else row_view(np.ascontiguousarray(a))
+
+
+def _output(out: np.ndarray | None, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Where a kernel writes an N x V result: ``(target array, buf, off, copy-back array)``.
+
+    ``out`` may be ``logits`` itself (in place). When ``out`` has a layout the kernels cannot
+    address, they write to a temporary that is copied into ``out`` afterwards.
+    """
+    if out is None:
+        out = np.empty(logits.shape, dtype=logits.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array for NumPy logits, got {type(out).__name__}")
+    _checks.check_out(out.shape, out.dtype, logits.shape, logits.dtype)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array")
+    same = out.__array_interface__["data"][0] == logits.__array_interface__["data"][0] and out.strides == logits.strides
+    if not same and np.may_share_memory(out, logits) and np.shares_memory(out, logits):
+        raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
+    view = row_view(out)
+    if view is None:
+        tmp = np.empty(out.shape, dtype=out.dtype)
+        buf, off = row_view(tmp)
+        return tmp, buf, off, out
+    return out, view[0], view[1], None
+
+
+def _as_logits(logits) -> np.ndarray:
+    logits = np.asarray(logits)
+    _checks.check_logits(logits.shape, logits.dtype)
+    return logits
+
+
+def _row_scale(grad_output, reduction: str, targets_shape, n_rows: int, total_weight: float, acc) -> np.ndarray:
+    """The factor each row's gradient is multiplied by."""
+    go = np.asarray(grad_output)
+    _checks.check_grad_output_dtype(go.dtype)
+    _checks.check_grad_output_shape(go.shape, reduction, targets_shape)
+    if reduction == "none":
+        return np.ascontiguousarray(np.broadcast_to(go, targets_shape).reshape(-1), dtype=acc)
+    g = float(go)
+    if reduction == "mean":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = np.float64(g) / total_weight
+    return np.full(n_rows, g, dtype=acc)
+
+
+def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_output, out, validate: bool, stream):
+    """Cross-entropy loss (reduced per ``opts.reduction``) and, when ``grad``, its gradient."""
+    if stream is not None:
+        raise ValueError("stream= applies to GPU arrays only; these logits are a NumPy (CPU) array")
+    logits = _as_logits(logits)
+    n_cols = logits.shape[-1]
+    targets = np.asarray(targets)
+    _checks.check_targets(targets.shape, targets.dtype, logits.shape)
+    acc = acc_dtype(logits.dtype)
+    if weight is None:
+        w = np.empty(0, dtype=acc)
+    else:
+        weight = np.asarray(weight)
+        _checks.check_weight(weight.shape, weight.dtype, n_cols)
+        w = np.ascontiguousarray(weight, dtype=acc)
+    if validate:
+        _checks.check_target_range(targets, n_cols, opts.ignore_index)
+    # The kernels guard the range themselves (an unchecked bad target gives a NaN row), so
+    # clipping to int64 here can never turn into an out-of-bounds read.
+    t = np.clip(targets.reshape(-1), -(2**63), 2**63 - 1).astype(np.int64)
+    n_rows = t.size
+    kept = t != opts.ignore_index
+    in_range = kept & (t >= 0) & (t < n_cols)
+    if w.size:
+        total_weight = float(np.sum(w.astype(np.float64)[np.where(in_range, t, 0)] * in_range))
+    else:
+        total_weight = float(np.count_nonzero(kept))
+    if grad:
+        scale = _row_scale(grad_output, opts.reduction, targets.shape, n_rows, total_weight, acc)
+        result, g_buf, g_off, copy_back = _output(out, logits)
+    elif out is not None:
+        raise ValueError("out= is where the gradient goes; cross_entropy computes no gradient")
+    x_buf, x_off = _rows_of(logits)
+    if not grad:  # empty stand-ins of the kernel's gradient arguments
+        scale = np.empty(0, dtype=acc)
+        g_buf, g_off, result, copy_back = np.empty(0, dtype=x_buf.dtype), np.empty(0, np.int64), None, None
+    loss_rows = np.empty(n_rows, dtype=acc)
+    lse = np.empty(n_rows, dtype=acc)
+    w_sum = acc(np.sum(w, dtype=np.float64)) if w.size else acc(n_cols)
+    args = (w, w_sum, acc(opts.softcap), acc(opts.label_smoothing), acc(opts.z_loss), scale, g_buf, g_off)
+    half = _half_code(logits.dtype)
+    if half:
+        launch(xent_rows_16, x_buf, x_off, n_cols, t, opts.ignore_index, *args, half, _tasks(n_rows), loss_rows, lse)
+    else:
+        launch(xent_rows, x_buf, x_off, n_cols, t, opts.ignore_index, *args, loss_rows, lse)
+    if copy_back is not None:
+        np.copyto(copy_back, result)
+        result = copy_back
+    return _reduce(loss_rows, opts.reduction, targets.shape, total_weight, acc), result
+
+
+def _reduce(loss_rows: np.ndarray, reduction: str, shape, total_weight: float, acc):
+    """Reduce per-row losses in a fixed order (NumPy's pairwise float64 sum), so the result is
+    the same for any thread count; 'mean' divides by the weight sum (NaN when it is 0)."""
+    if reduction == "none":
+        return loss_rows.reshape(shape)
+    total = np.sum(loss_rows, dtype=np.float64)
+    if reduction == "sum":
+        return acc(total)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return acc(total / np.float64(total_weight))
+
+
+def normalize(logits, mode: int, out, *, stream):
+    """logsumexp (``MODE_LSE``), softmax or log-softmax over the last axis."""
+    if stream is not None:
+        raise ValueError("stream= applies to GPU arrays only; these logits are a NumPy (CPU) array")
+    logits = _as_logits(logits)
+    n_cols = logits.shape[-1]
+    acc = acc_dtype(logits.dtype)
+    half = _half_code(logits.dtype)
+    lse = np.empty(int(np.prod(logits.shape[:-1], dtype=np.int64)), dtype=acc)
+    x_buf, x_off = _rows_of(logits)
+    if mode == MODE_LSE:
+        result, copy_back = None, None
+        o_buf, o_off = (x_buf, x_off)
+    else:
+        result, o_buf, o_off, copy_back = _output(out, logits)
+    if half:
+        launch(normalize_rows_16, x_buf, x_off, n_cols, mode, o_buf, o_off, half, _tasks(lse.size), lse)
+    else:
+        launch(normalize_rows, x_buf, x_off, n_cols, mode, o_buf, o_off, lse)
+    if mode == MODE_LSE:
+        return lse.reshape(logits.shape[:-1])
+    if copy_back is not None:
+        np.copyto(copy_back, result)
+        result = copy_back
+    return result

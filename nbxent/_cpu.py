@@ -1,0 +1,258 @@
+"""Numba CPU kernels: softmax cross-entropy, its gradient, and row normalizations.
+
+Every kernel sees the logits as a 1-D buffer ``x`` and a row table ``x_off``: row ``i`` is
+``x[x_off[i] : x_off[i] + V]``. That serves contiguous arrays, row-strided views (the usual
+``logits[:, :-1]`` next-token shift) and in-place output alike, and keeps each row a
+contiguous slice that LLVM can vectorize. Rows run in parallel (``prange``); each row is
+handled by one thread from start to end, so results do not depend on the thread count.
+
+16-bit logits arrive as ``uint16`` bits (``half`` says which format) at the ``*_16`` kernels.
+Each row is widened into a float32 scratch row, processed there, and the gradient is narrowed
+back: the row stays in cache, so memory traffic is still one read and one write of 16-bit data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from ._jit import (
+    as_dtype_of,
+    bf16_to_f32,
+    f16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+    fast_exp,
+    fast_tanh,
+    jit_kernel,
+    jit_serial,
+    row_max,
+)
+
+HALF_F16, HALF_BF16 = 1, 2
+
+# Normalization modes of ``normalize_rows``.
+MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
+
+
+@jit_serial
+def row_stats(x, cap, w, smooth):
+    """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
+
+    Returns ``(m, s, sm)``: the row max ``m``, ``s = sum_j exp(xc_j - m)`` and, when
+    ``smooth``, ``sm = sum_j w_j (m - xc_j)`` (``w_j = 1`` when ``w`` is empty). ``sm`` is
+    accumulated relative to ``m`` so that a large common offset (1e5) does not cancel.
+    Two sweeps: an integer max (vectorized), then one sweep for the sums, while the row is in
+    cache. tanh is monotone, so the capped max is the cap of the raw max.
+    """
+    zero = as_dtype_of(x, 0)
+    m = row_max(x)
+    capped = cap > zero
+    inv_cap = as_dtype_of(x, 1) / cap if capped else zero
+    if capped:
+        m = cap * fast_tanh(m * inv_cap)
+    has_w = w.size > 0
+    s = zero
+    sm = zero
+    for j in range(x.size):
+        v = x[j]
+        if capped:
+            v = cap * fast_tanh(v * inv_cap)
+        s += fast_exp(v - m)
+        if smooth:
+            d = m - v
+            sm += w[j] * d if has_w else d
+    return m, s, sm
+
+
+@jit_serial
+def xent_row(x, g, tgt, w, w_sum, cap, eps, z, scale, want_grad):
+    """Loss (and gradient into ``g``) of one row whose target ``tgt`` is a valid class.
+
+    With ``xc`` the (capped) logits, ``lse = logsumexp(xc)``, ``p = softmax(xc)``, weights
+    ``w`` (all 1 without weights, ``W = sum_j w_j``) and ``V`` classes, PyTorch's loss with
+    label smoothing ``eps`` plus PaLM's z-loss is
+
+        loss = (1 - eps) w_t (lse - xc_t) + eps / V * sum_j w_j (lse - xc_j) + z w_t lse^2
+
+    and since d lse / d xc_j = p_j, its gradient is
+
+        dloss/dxc_j = p_j [(1 - eps) w_t + eps W / V + 2 z w_t lse] - eps w_j / V
+                      - (1 - eps) w_t [j == t]
+
+    times ``scale`` (grad_output, divided by the weight sum for 'mean'), times the soft-cap
+    factor d xc / d x = 1 - (xc / cap)^2. ``g`` may be ``x`` itself (in place): each entry is
+    read before it is written, and the target's entry is read up front.
+    """
+    zero = as_dtype_of(x, 0)
+    one = as_dtype_of(x, 1)
+    n = as_dtype_of(x, x.size)
+    m, s, sm = row_stats(x, cap, w, eps > zero)
+    log_s = math.log(s)
+    lse = m + log_s
+    capped = cap > zero
+    xt = x[tgt]
+    if capped:
+        xt = cap * fast_tanh(xt / cap)
+    has_w = w.size > 0
+    wt = w[tgt] if has_w else one
+    # 1. The loss, with lse - xc_t = log s + (m - xc_t) to keep offsets from cancelling.
+    loss = (one - eps) * wt * (log_s + (m - xt))
+    if eps > zero:
+        loss += eps / n * (w_sum * log_s + sm)
+    if z > zero:
+        loss += z * wt * lse * lse
+    if not want_grad:
+        return loss, lse
+    # 2. The gradient, p_j = exp(xc_j - lse), one sweep that writes each entry once.
+    a = scale * ((one - eps) * wt + eps * w_sum / n + as_dtype_of(x, 2) * z * wt * lse)
+    b = scale * eps / n
+    inv_cap = one / cap if capped else zero
+    for j in range(x.size):
+        v = x[j]
+        if capped:
+            v = cap * fast_tanh(v * inv_cap)
+        gj = a * fast_exp(v - lse) - (b * w[j] if has_w else b)
+        if capped:
+            r = v * inv_cap
+            gj *= one - r * r
+        g[j] = gj
+    # 3. The target's own term -(1 - eps) w_t, with its soft-cap factor.
+    d_t = one
+    if capped:
+        r = xt * inv_cap
+        d_t = one - r * r
+    g[tgt] -= scale * (one - eps) * wt * d_t
+    return loss, lse
+
+
+@jit_serial
+def skip_value(tgt, ignore_index, n_cols):
+    """What an ignored row holds (0) and what a row with a target outside [0, V) holds (NaN:
+    reachable only with validate=False, and never read out of bounds); -1 for a normal row."""
+    if tgt == ignore_index:
+        return 0.0
+    if tgt < 0 or tgt >= n_cols:
+        return np.nan
+    return -1.0
+
+
+@jit_serial
+def widen_row(src, dst, half):
+    """16-bit bits -> float32 row (vectorized bit arithmetic)."""
+    if half == HALF_BF16:
+        for j in range(src.size):
+            dst[j] = bf16_to_f32(src[j])
+    else:
+        for j in range(src.size):
+            dst[j] = f16_to_f32(src[j])
+
+
+@jit_serial
+def narrow_row(src, dst, half):
+    """float32 row -> 16-bit bits, rounding to nearest even."""
+    if half == HALF_BF16:
+        for j in range(src.size):
+            dst[j] = f32_to_bf16(src[j])
+    else:
+        for j in range(src.size):
+            dst[j] = f32_to_f16(src[j])
+
+
+@jit_kernel
+def xent_rows(x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, loss, lse):
+    """Cross-entropy of every row of float32/float64 logits; the gradient too when ``scale``
+    (the per-row gradient factor) is not empty.
+
+    ``w``, ``w_sum``, ``cap``, ``eps``, ``z``, ``scale``, ``loss`` and ``lse`` are in the
+    logits' dtype. Ignored rows get loss 0, lse 0 and a zero gradient.
+    """
+    n_rows = targets.size
+    want_grad = scale.size > 0
+    for i in numba.prange(n_rows):
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else xr
+        fill = skip_value(targets[i], ignore_index, n_cols)
+        if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
+            loss[i] = fill
+            lse[i] = fill
+            if want_grad:
+                gr[:] = fill
+            continue
+        row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
+        loss[i], lse[i] = xent_row(xr, gr, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad)
+
+
+@jit_kernel
+def xent_rows_16(
+    x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, tasks, loss, lse
+):
+    """``xent_rows`` for 16-bit logits given as uint16 bits (``half`` says which format),
+    accumulating in float32: each row is widened into a scratch row, processed in place
+    there, and the gradient narrowed back into ``g``. Rows are split into ``tasks`` parallel
+    tasks (a few per thread), so each task allocates its scratch row once.
+    """
+    n_rows = targets.size
+    want_grad = scale.size > 0
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        scratch = np.empty(n_cols, dtype=np.float32)
+        for i in range(task * per_task, min(n_rows, (task + 1) * per_task)):
+            fill = skip_value(targets[i], ignore_index, n_cols)
+            if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
+                loss[i] = fill
+                lse[i] = fill
+                if want_grad:
+                    scratch[:] = fill
+                    narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
+                continue
+            widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
+            row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
+            loss[i], lse[i] = xent_row(scratch, scratch, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad)
+            if want_grad:
+                narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
+
+
+@jit_serial
+def normalize_row(x, out, mode):
+    """lse of one row; with ``mode`` also its softmax or log-softmax written to ``out``.
+
+    A row of all ``-inf`` has lse ``-inf`` and a row holding ``+inf`` has lse ``+inf``, as
+    ``torch.logsumexp`` gives; their softmax is NaN, as ``torch.softmax`` gives.
+    """
+    m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False)
+    lse = m + math.log(s)
+    if mode == MODE_SOFTMAX:
+        for j in range(x.size):
+            out[j] = fast_exp(x[j] - lse)
+    elif mode == MODE_LOG_SOFTMAX:
+        for j in range(x.size):
+            out[j] = x[j] - lse
+    if math.isinf(m):
+        lse = m
+    return lse
+
+
+@jit_kernel
+def normalize_rows(x, x_off, n_cols, mode, out, out_off, lse):
+    """lse of every row into ``lse``; for MODE_SOFTMAX / MODE_LOG_SOFTMAX also rows of ``out``."""
+    for i in numba.prange(lse.size):
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        outr = out[out_off[i] : out_off[i] + n_cols] if mode != MODE_LSE else xr
+        lse[i] = normalize_row(xr, outr, mode)
+
+
+@jit_kernel
+def normalize_rows_16(x, x_off, n_cols, mode, out, out_off, half, tasks, lse):
+    """``normalize_rows`` for 16-bit logits given as uint16 bits, through a float32 scratch row."""
+    n_rows = lse.size
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        scratch = np.empty(n_cols, dtype=np.float32)
+        for i in range(task * per_task, min(n_rows, (task + 1) * per_task)):
+            widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
+            lse[i] = normalize_row(scratch, scratch, mode)
+            if mode != MODE_LSE:
+                narrow_row(scratch, out[out_off[i] : out_off[i] + n_cols], half)

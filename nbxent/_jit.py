@@ -1,0 +1,268 @@
+"""The one place where jit flags are set, and the scalar helpers every CPU kernel inlines.
+
+Numba 0.68 does not vectorize ``math.exp`` or ``math.tanh`` (Intel SVML support is gone),
+so the float32 kernels use the polynomial versions below: plain arithmetic and bit casts
+that LLVM turns into SIMD code, 5-7x faster than a scalar ``math.exp`` loop.
+
+Fast-math flags are an explicit set: ``nnan`` and ``ninf`` are left out because the kernels
+must keep ``-inf`` (masked vocabulary) and NaN (a broken row) meaningful.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numba
+import numpy as np
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+# ``reassoc`` lets LLVM reorder the row sums into SIMD lanes; results stay deterministic
+# because the order is fixed at compile time, not by threads.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# The exp below relies on an exact add-then-subtract of a magic constant, which
+# ``reassoc`` would fold away: helpers that need exact rounding use this set.
+FASTMATH_EXACT = {"nsz", "arcp", "contract", "afn"}
+
+# Compiled kernels are cached next to the package (or in NUMBA_CACHE_DIR), so a new
+# process's first call loads machine code instead of compiling for seconds.
+CACHE = os.environ.get("NBXENT_NO_CACHE", "") == ""
+
+# Helpers are left for LLVM to inline (numba-level inline="always" would give them the
+# caller's fast-math flags, and "reassoc" breaks the exact rounding step in exp_f32).
+jit_helper = functools.partial(numba.njit, fastmath=FASTMATH_EXACT, cache=CACHE, error_model="numpy")
+# Larger helpers that LLVM declines to inline (and then cannot vectorize) are inlined by Numba.
+jit_inline = functools.partial(numba.njit, inline="always", fastmath=FASTMATH_EXACT, cache=CACHE, error_model="numpy")
+
+
+def overload_helper(func):
+    return overload(func, jit_options={"fastmath": FASTMATH_EXACT, "cache": CACHE, "error_model": "numpy"})
+
+
+jit_kernel = functools.partial(
+    numba.njit, parallel=True, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy"
+)
+jit_serial = functools.partial(numba.njit, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy")
+
+_F32 = np.float32
+_LOG2E = _F32(1.4426950408889634)
+_LN2_HI = _F32(0.693359375)
+_LN2_LO = _F32(-2.12194440e-4)
+_ROUND_MAGIC = _F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer in the low mantissa bits
+_EXP_LO = _F32(-87.33654)  # below this exp(x) is subnormal in float32: flushed to 0
+_EXP_HI = _F32(88.72283)  # above this exp(x) overflows to inf
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bits of a float32 as an int32 (an LLVM bitcast: free, and vectorizable)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def f32_from_bits(typingctx, x):
+    """The float32 whose bits are the given int32 (or uint32)."""
+    if x not in (types.int32, types.uint32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(x), codegen
+
+
+@jit_helper
+def exp_f32(x):
+    """exp(x) for float32 x, within 2 ulp, vectorizable; exp(-inf) = 0 exactly, NaN stays NaN.
+
+    1. Split x = n*ln2 + r with n = round(x / ln2) and |r| <= ln2/2 (Cody-Waite: ln2 in
+       two parts so r is exact).
+    2. exp(r) by the Cephes degree-6 minimax polynomial.
+    3. Multiply by 2**n, built directly in the exponent bits.
+    """
+    xc = _EXP_LO if x < _EXP_LO else x  # NaN fails both comparisons and stays NaN
+    xc = _EXP_HI if xc > _EXP_HI else xc
+    t = xc * _LOG2E + _ROUND_MAGIC
+    n = t - _ROUND_MAGIC
+    k = np.int32(f32_bits(t) - f32_bits(_ROUND_MAGIC))  # the same integer n, as int32
+    r = xc - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = _F32(1.9875691500e-4)
+    p = p * r + _F32(1.3981999507e-3)
+    p = p * r + _F32(8.3334519073e-3)
+    p = p * r + _F32(4.1665795894e-2)
+    p = p * r + _F32(1.6666665459e-1)
+    p = p * r + _F32(5.0000001201e-1)
+    y = p * r * r + r + _F32(1.0)
+    # 2**n for n in [-126, 128): (n + 127) << 23; n = 128 only at the overflow clamp
+    # and is split in two factors so it stays representable.
+    # (Numba widens int32 arithmetic to int64: each step is cast back before the bit cast.)
+    k1 = np.int32(k >> 1)
+    s1 = f32_from_bits(np.int32((k1 + 127) << 23))
+    s2 = f32_from_bits(np.int32((k - k1 + 127) << 23))
+    y = y * s1 * s2
+    return _F32(0.0) if x < _EXP_LO else y
+
+
+@jit_inline
+def tanh_f32(x):
+    """tanh(x) for float32 x, vectorizable: a 13/6 rational minimax fit (as in Eigen).
+
+    Accurate to a few ulp; |x| >= 9 gives exactly +-1 (as float32 tanh does), NaN stays NaN.
+    """
+    lim = _F32(7.90531110763549805)
+    xc = -lim if x < -lim else x
+    xc = lim if xc > lim else xc
+    x2 = xc * xc
+    p = _F32(-2.76076847742355e-16)
+    p = p * x2 + _F32(2.00018790482477e-13)
+    p = p * x2 + _F32(-8.60467152213735e-11)
+    p = p * x2 + _F32(5.12229709037114e-08)
+    p = p * x2 + _F32(1.48572235717979e-05)
+    p = p * x2 + _F32(6.37261928875436e-04)
+    p = p * x2 + _F32(4.89352455891786e-03)
+    q = _F32(1.19825839466702e-06)
+    q = q * x2 + _F32(1.18534705686654e-04)
+    q = q * x2 + _F32(2.26843463243900e-03)
+    q = q * x2 + _F32(4.89352518554385e-03)
+    t = xc * p / q
+    # Selects, not `and`/`or`, so that LLVM if-converts and vectorizes the loop.
+    t = xc if abs(xc) < _F32(0.0004) else t
+    t = _F32(1.0) if x >= _F32(9.0) else t
+    return _F32(-1.0) if x <= _F32(-9.0) else t
+
+
+def fast_exp(x):
+    """exp in the accumulation type: the polynomial for float32, math.exp for float64."""
+    return math.exp(x)
+
+
+def fast_tanh(x):
+    """tanh in the accumulation type: the rational fit for float32, math.tanh for float64."""
+    return math.tanh(x)
+
+
+@overload_helper(fast_exp)
+def _fast_exp_impl(x):
+    if x == types.float32:
+        return lambda x: exp_f32(x)
+    return lambda x: math.exp(x)
+
+
+@overload_helper(fast_tanh)
+def _fast_tanh_impl(x):
+    if x == types.float32:
+        return lambda x: tanh_f32(x)
+    return lambda x: math.tanh(x)
+
+
+# 16-bit storage formats. NumPy's float16 and ml_dtypes' bfloat16 arrays are viewed as
+# uint16 before they reach Numba (which has no CPU float16), and converted here with integer
+# bit operations that vectorize.
+_HALF_TO_F32_SCALE = np.int32(0x77800000)  # the float32 2**112: moves a half exponent to float32
+
+
+@jit_helper
+def bf16_to_f32(b):
+    """bfloat16 bits -> float32: bfloat16 is the top half of a float32."""
+    return f32_from_bits(np.int32(np.int32(b) << 16))
+
+
+@jit_helper
+def f32_to_bf16(x):
+    """float32 -> bfloat16 bits, rounding to nearest even; NaN stays a quiet NaN."""
+    u = np.uint32(f32_bits(x))
+    rounded = np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x40)
+    return np.uint16(quiet_nan if x != x else rounded)
+
+
+@jit_helper
+def f16_to_f32(h):
+    """IEEE half bits -> float32, exact for normals, subnormals, inf and NaN.
+
+    Shift exponent and mantissa into float32 position, then multiply by 2**112 to rebias
+    the exponent; this also normalizes half subnormals. Inf/NaN get an all-ones exponent.
+    """
+    hi = np.int32(h)
+    em = np.int32((hi & 0x7FFF) << 13)
+    sign = np.int32((hi & 0x8000) << 16)
+    finite = f32_bits(f32_from_bits(em) * f32_from_bits(_HALF_TO_F32_SCALE))
+    special = np.int32(em | 0x7F800000)
+    bits = special if em >= np.int32(0x7C00 << 13) else finite
+    return f32_from_bits(np.int32(bits | sign))
+
+
+@jit_helper
+def f32_to_f16(x):
+    """float32 -> IEEE half bits, rounding to nearest even (F. Giesen's branch-free method).
+
+    Three cases computed together and selected, so the loop vectorizes: overflow to inf
+    (NaN to a quiet NaN); a half subnormal, rounded by adding a magic float whose ulp is the
+    half subnormal step; a normal half, rebiased and rounded with integer arithmetic.
+    """
+    u = np.uint32(f32_bits(x))
+    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = np.uint32(u & np.uint32(0x7FFFFFFF))
+    big = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    magic = f32_from_bits(np.int32(126 << 23))  # 0.5: its ulp is the half subnormal step
+    sub = np.uint32(np.uint32(f32_bits(f32_from_bits(np.int32(a)) + magic)) - np.uint32(126 << 23))
+    odd = (a >> np.uint32(13)) & np.uint32(1)
+    norm = np.uint32(a + np.uint32(((15 - 127) << 23) & 0xFFFFFFFF) + np.uint32(0xFFF) + odd) >> np.uint32(13)
+    r = norm
+    r = sub if a < np.uint32(113 << 23) else r
+    r = big if a >= np.uint32((127 + 16) << 23) else r
+    return np.uint16(r | sign)
+
+
+def row_max(x):
+    """Largest entry of a 1-D float array; NaN may or may not win (the callers' sums see it)."""
+    return np.max(x)
+
+
+@overload_helper(row_max)
+def _row_max_impl(x):
+    if x.dtype == types.float32:
+        # LLVM vectorizes a float max reduction only without NaNs; mapping the float bits to
+        # integers that sort the same way gives an integer max, which vectorizes (10x here).
+        def impl(x):
+            m = np.int32(-2147483648)
+            for j in range(x.size):
+                b = f32_bits(x[j])
+                k = np.int32(b ^ ((b >> 31) & np.int32(0x7FFFFFFF)))
+                m = k if k > m else m
+            return f32_from_bits(np.int32(m ^ ((m >> 31) & np.int32(0x7FFFFFFF))))
+
+        return impl
+
+    def impl(x):
+        m = -np.inf
+        for j in range(x.size):
+            m = x[j] if x[j] > m else m
+        return m
+
+    return impl
+
+
+def as_dtype_of(x, value):
+    """``value`` cast to the dtype of array ``x``.
+
+    Numba promotes ``float32 op int`` and ``float32 op 0.0`` to float64, which silently turns
+    the float32 kernels into slow float64 code: every constant and count is cast with this.
+    """
+    return x.dtype.type(value)
+
+
+@overload_helper(as_dtype_of)
+def _as_dtype_of_impl(x, value):
+    if x.dtype == types.float32:
+        return lambda x, value: np.float32(value)
+    return lambda x, value: np.float64(value)
