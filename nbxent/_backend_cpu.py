@@ -72,7 +72,7 @@ def row_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if any(s < 0 or s % item for s in lead_strides):
         return None
     off = np.zeros(lead_shape, dtype=np.int64)
-    for axis, (size, stride) in enumerate(zip(lead_shape, lead_strides)):
+    for axis, (size, stride) in enumerate(zip(lead_shape, lead_strides, strict=True)):
         index_shape = [1] * len(lead_shape)
         index_shape[axis] = size
         off += np.arange(size, dtype=np.int64).reshape(index_shape) * (stride // item)
