@@ -56,6 +56,10 @@ def _half_code(dtype: np.dtype) -> int:
     return HALF_F16 if name == "float16" else HALF_BF16 if name == "bfloat16" else 0
 
 
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
 def row_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """A 1-D view ``buf`` of ``a``'s memory and row offsets ``off`` such that
     ``buf[off[i] : off[i] + V]`` is row ``i`` of ``a.reshape(-1, V)``, without copying.
@@ -66,7 +70,11 @@ def row_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """
     n_cols = a.shape[-1]
     item = a.itemsize
-    lead_shape, lead_strides = a.shape[:-1], a.strides[:-1]
+    bits = a.view(np.uint16) if _half_code(a.dtype) else a
+    if a.size == 0:
+        return np.empty(0, dtype=bits.dtype), np.zeros(a.size // max(n_cols, 1), dtype=np.int64)
+    lead_shape = a.shape[:-1]
+    lead_strides = tuple(0 if size == 1 else stride for size, stride in zip(lead_shape, a.strides[:-1], strict=True))
     if n_cols > 1 and a.strides[-1] != item:
         return None
     if any(s < 0 or s % item for s in lead_strides):
@@ -77,11 +85,8 @@ def row_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         index_shape[axis] = size
         off += np.arange(size, dtype=np.int64).reshape(index_shape) * (stride // item)
     off = off.reshape(-1)
-    span = int(off.max()) + n_cols if off.size else 0
-    if _half_code(a.dtype):
-        a = a.view(np.uint16)
-    buf = as_strided(a, shape=(span,), strides=(item,))
-    return buf, off
+    span = int(off.max()) + n_cols
+    return as_strided(bits, shape=(span,), strides=(item,)), off
 
 
 def _rows_of(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +108,7 @@ def _output(out: np.ndarray | None, logits: np.ndarray) -> tuple[np.ndarray, np.
     _checks.check_out(out.shape, out.dtype, logits.shape, logits.dtype)
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
-    same = out.__array_interface__["data"][0] == logits.__array_interface__["data"][0] and out.strides == logits.strides
+    same = _address(out) == _address(logits) and out.strides == logits.strides
     if not same and np.may_share_memory(out, logits) and np.shares_memory(out, logits):
         raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
     view = row_view(out)
@@ -178,7 +183,8 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     if half:
         launch(xent_rows_16, x_buf, x_off, n_cols, t, opts.ignore_index, *args, half, _tasks(n_rows), loss_rows, lse)
     else:
-        launch(xent_rows, x_buf, x_off, n_cols, t, opts.ignore_index, *args, loss_rows, lse)
+        in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)
+        launch(xent_rows, x_buf, x_off, n_cols, t, opts.ignore_index, *args, in_place, loss_rows, lse)
     if copy_back is not None:
         np.copyto(copy_back, result)
         result = copy_back
@@ -215,7 +221,8 @@ def normalize(logits, mode: int, out, *, stream):
     if half:
         launch(normalize_rows_16, x_buf, x_off, n_cols, mode, o_buf, o_off, half, _tasks(lse.size), lse)
     else:
-        launch(normalize_rows, x_buf, x_off, n_cols, mode, o_buf, o_off, lse)
+        in_place = mode != MODE_LSE and _address(o_buf) == _address(x_buf) and np.array_equal(o_off, x_off)
+        launch(normalize_rows, x_buf, x_off, n_cols, mode, o_buf, o_off, in_place, lse)
     if mode == MODE_LSE:
         return lse.reshape(logits.shape[:-1])
     if copy_back is not None:

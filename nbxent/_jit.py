@@ -20,11 +20,14 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 # ``reassoc`` lets LLVM reorder the row sums into SIMD lanes; results stay deterministic
-# because the order is fixed at compile time, not by threads.
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-# The exp below relies on an exact add-then-subtract of a magic constant, which
-# ``reassoc`` would fold away: helpers that need exact rounding use this set.
-FASTMATH_EXACT = {"nsz", "arcp", "contract", "afn"}
+# because the order is fixed at compile time, not by threads. ``arcp`` is left out too: it
+# lets LLVM turn ``e * (1 / s)`` back into ``e / s`` in some loop versions and not others, so
+# an in-place call would differ from an out-of-place one in the last bit.
+FASTMATH = {"nsz", "contract", "afn", "reassoc"}
+# The exp below relies on an exact add-then-subtract of a magic constant, which ``reassoc``
+# would fold away, and ``contract`` would fuse differently in vector and scalar code:
+# helpers that need exact, reproducible rounding use this set.
+FASTMATH_EXACT = {"nsz", "afn"}
 
 # Compiled kernels are cached next to the package (or in NUMBA_CACHE_DIR), so a new
 # process's first call loads machine code instead of compiling for seconds.

@@ -56,7 +56,9 @@ def cross_entropy(
             p = np.exp(logp)
             wt = w[t[i]]
             total_weight += wt
-            losses[i] = (1 - eps) * wt * -logp[t[i]] + eps / v * np.sum(w * -logp) + z_loss * wt * lse**2
+            losses[i] = (1 - eps) * wt * -logp[t[i]] + z_loss * wt * lse**2
+            if eps > 0:  # PyTorch adds the smoothing term only when smoothing (0 * inf would be NaN)
+                losses[i] += eps / v * np.sum(w * -logp)
             onehot = np.zeros(v)
             onehot[t[i]] = 1.0
             g = (1 - eps) * wt * (p - onehot) + eps / v * (np.sum(w) * p - w) + 2 * z_loss * wt * lse * p

@@ -1,0 +1,372 @@
+"""The CPU cross-entropy against the float64 reference: every dtype, option, reduction and odd shape."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+import nbxent as nx
+from tests import reference as ref
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+REDUCTIONS = ["mean", "sum", "none"]
+OPTION_SETS = {
+    "plain": {},
+    "smooth": {"label_smoothing": 0.1},
+    "weight": {"weight": "random"},
+    "weight+smooth": {"weight": "random", "label_smoothing": 0.25},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 3.0},
+    "everything": {"weight": "random", "label_smoothing": 0.05, "z_loss": 1e-2, "softcap": 5.0},
+}
+
+
+def tolerances(dtype):
+    """(loss rtol, grad atol relative to the largest gradient entry) for a logits dtype."""
+    name = np.dtype(dtype).name
+    if name == "float64":
+        return 1e-12, 1e-12
+    if name == "float32":  # float32 sums over up to a million entries
+        return 1e-5, 1e-5
+    # 16-bit gradients are rounded once to the storage format.
+    return 1e-5, 2.0 ** -(8 if name == "bfloat16" else 11)
+
+
+def make_case(rng, shape, dtype, n_ignored=1, scale=3.0):
+    """Random logits (rounded to dtype) and targets with some rows ignored."""
+    logits = (rng.standard_normal(shape) * scale).astype(dtype)
+    targets = rng.integers(0, shape[-1], size=shape[:-1])
+    flat = targets.reshape(-1)
+    if flat.size > 1:
+        flat[rng.choice(flat.size, size=min(n_ignored, flat.size - 1), replace=False)] = -100
+    return logits, targets
+
+
+def resolve(options, rng, n_classes):
+    opts = dict(options)
+    if opts.get("weight") == "random":
+        opts["weight"] = rng.uniform(0.2, 2.0, n_classes)
+    return opts
+
+
+def check(logits, targets, rng=None, grad_output=1.0, **opts):
+    """Compare loss and gradient (fused and loss-only paths) with the reference."""
+    loss_rtol, grad_atol = tolerances(logits.dtype)
+    want_loss, want_grad = ref.cross_entropy(logits.astype(np.float64), targets, grad_output=grad_output, **opts)
+    loss = nx.cross_entropy(logits, targets, **opts)
+    loss2, grad = nx.cross_entropy_with_grad(logits, targets, grad_output=grad_output, **opts)
+    acc = np.float64 if logits.dtype == np.float64 else np.float32
+    assert np.asarray(loss).dtype == acc
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    np.testing.assert_allclose(loss, want_loss, rtol=loss_rtol, atol=loss_rtol)
+    np.testing.assert_array_equal(loss, loss2)
+    # Entries are differences of terms as large as grad_output * w_t / (weight sum): float32
+    # cancellation is relative to that size, not to the (possibly tiny) difference.
+    w = np.ones(1) if opts.get("weight") is None else np.asarray(opts["weight"])
+    kept = np.asarray(targets).reshape(-1) != opts.get("ignore_index", -100)
+    total = np.sum(w[np.asarray(targets).reshape(-1)[kept]]) if w.size > 1 else kept.sum()
+    term = np.max(np.abs(grad_output)) * np.max(np.abs(w)) / (total if opts.get("reduction", "mean") == "mean" else 1)
+    scale = max(np.max(np.abs(want_grad), initial=0.0), np.nan_to_num(term), 1e-30)
+    np.testing.assert_allclose(grad.astype(np.float64), want_grad, rtol=0, atol=grad_atol * scale)
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_matches_reference(dtype, reduction, options):
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (13, 257), dtype, n_ignored=3)
+    check(logits, targets, reduction=reduction, **resolve(options, rng, 257))
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 3, 31, 1000, 7919, 65537])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=lambda d: np.dtype(d).name)
+def test_odd_vocabulary_sizes(n_classes, dtype):
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (5, n_classes), dtype)
+    check(logits, targets, label_smoothing=0.1, z_loss=1e-4)
+    check(logits, targets, softcap=2.0, reduction="none")
+
+
+def test_huge_vocabulary():
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (3, 1_000_003), np.float32, n_ignored=0)
+    check(logits, targets, label_smoothing=0.1)
+
+
+def test_three_dimensional_and_grad_output_per_row():
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (2, 5, 11), np.float32, n_ignored=2)
+    go = rng.standard_normal((2, 5))
+    loss, _ = check(logits, targets, reduction="none", grad_output=go, weight=rng.uniform(0.5, 1.5, 11))
+    assert loss.shape == (2, 5)
+    check(logits, targets, reduction="mean", grad_output=2.5)
+    check(logits, targets, reduction="none", grad_output=np.float32(0.5))
+
+
+def test_one_dimensional_logits_are_one_row():
+    rng = np.random.default_rng()
+    logits = rng.standard_normal(17).astype(np.float32)
+    loss, grad = check(logits, np.array(4), reduction="none")
+    assert np.shape(loss) == () and grad.shape == (17,)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
+def test_row_strided_view_is_not_copied_and_is_correct(dtype):
+    """The usual next-token shift: logits[:, :-1] of a (B, T, V) array."""
+    rng = np.random.default_rng()
+    full = (rng.standard_normal((3, 9, 50)) * 2).astype(dtype)
+    view = full[:, :-1]
+    targets = rng.integers(0, 50, size=(3, 8))
+    assert not view.flags.c_contiguous
+    check(view, targets, label_smoothing=0.1)
+    before = full.copy()
+    nx.cross_entropy_with_grad(view, targets, out=view)  # in place through the view
+    np.testing.assert_array_equal(full[:, -1], before[:, -1])  # the rows outside the view are untouched
+
+
+def test_other_layouts_fall_back_to_a_copy():
+    rng = np.random.default_rng()
+    base = rng.standard_normal((40, 6)).astype(np.float32)
+    targets = rng.integers(0, 40, size=6)
+    check(base.T, targets)  # vocabulary axis strided
+    check(base[::-1][:7].T[::-1].copy()[:, ::-1], rng.integers(0, 7, size=6))  # negative strides
+    out = np.empty((40, 6), np.float32).T  # an out the kernels cannot address directly
+    _, grad = nx.cross_entropy_with_grad(base.T, targets, out=out)
+    assert grad is out
+    np.testing.assert_allclose(out, ref.cross_entropy(base.T, targets)[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_in_place_gradient_equals_out_of_place(dtype):
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (6, 301), dtype, n_ignored=2)
+    opts = {"label_smoothing": 0.1, "softcap": 4.0, "z_loss": 1e-3, "weight": rng.uniform(0.5, 2, 301)}
+    loss, grad = nx.cross_entropy_with_grad(logits, targets, **opts)
+    original = logits.copy()
+    loss2, grad2 = nx.cross_entropy_with_grad(logits, targets, out=logits, **opts)
+    assert grad2 is logits
+    np.testing.assert_array_equal(loss, loss2)
+    np.testing.assert_array_equal(grad.view(np.uint8), logits.view(np.uint8))
+    assert not np.array_equal(original.view(np.uint8), logits.view(np.uint8))
+
+
+def test_inputs_are_never_modified():
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (4, 33), np.float32)
+    weight = rng.uniform(size=33)
+    copies = [a.copy() for a in (logits, targets, weight)]
+    nx.cross_entropy_with_grad(logits, targets, weight=weight, label_smoothing=0.2)
+    nx.cross_entropy(logits, targets, weight=weight)
+    nx.softmax(logits)
+    nx.log_softmax(logits)
+    nx.logsumexp(logits)
+    for a, b in zip((logits, targets, weight), copies, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_backward_equals_the_fused_gradient():
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (5, 40), np.float32)
+    _, grad = nx.cross_entropy_with_grad(logits, targets, grad_output=3.0, label_smoothing=0.1)
+    np.testing.assert_array_equal(nx.cross_entropy_backward(logits, targets, 3.0, label_smoothing=0.1), grad)
+
+
+class TestCorners:
+    def test_empty_batch(self):
+        logits = np.zeros((0, 10), np.float32)
+        targets = np.zeros(0, np.int64)
+        assert np.isnan(nx.cross_entropy(logits, targets))
+        assert nx.cross_entropy(logits, targets, reduction="sum") == 0
+        assert nx.cross_entropy(logits, targets, reduction="none").shape == (0,)
+        loss, grad = nx.cross_entropy_with_grad(logits, targets)
+        assert np.isnan(loss) and grad.shape == (0, 10)
+        assert nx.logsumexp(logits).shape == (0,)
+
+    def test_all_rows_ignored(self):
+        rng = np.random.default_rng()
+        logits = rng.standard_normal((4, 9)).astype(np.float32)
+        targets = np.full(4, 3)
+        loss, grad = nx.cross_entropy_with_grad(logits, targets, ignore_index=3)
+        assert np.isnan(loss)
+        assert np.all(grad == 0)
+        assert nx.cross_entropy(logits, targets, ignore_index=3, reduction="sum") == 0
+
+    def test_ignore_index_may_be_a_class_id(self):
+        rng = np.random.default_rng()
+        logits, _ = make_case(rng, (8, 5), np.float32)
+        targets = np.array([0, 1, 2, 0, 4, 0, 3, 0])
+        check(logits, targets, ignore_index=0, weight=rng.uniform(0.5, 2, 5), label_smoothing=0.1)
+
+    @pytest.mark.parametrize("offset", [1e4, -1e4, 1e5])
+    def test_large_common_offset(self, offset):
+        rng = np.random.default_rng()
+        logits = (rng.standard_normal((4, 100)) + offset).astype(np.float32)
+        targets = rng.integers(0, 100, 4)
+        loss, grad = nx.cross_entropy_with_grad(logits, targets, label_smoothing=0.1, reduction="none")
+        want_loss, want_grad = ref.cross_entropy(logits, targets, label_smoothing=0.1, reduction="none")
+        # float32 rounding of the inputs is exact in the reference; the loss may differ by the
+        # rounding of lse at this magnitude only.
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-4, atol=abs(offset) * 2e-7 * 4)
+        np.testing.assert_allclose(grad, want_grad, atol=1e-5)
+
+    def test_extreme_logits(self):
+        logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], np.float32)
+        targets = np.array([1, 2])
+        loss, grad = check(logits, targets, reduction="none")
+        assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+
+    def test_minus_inf_entries_are_masked_vocabulary(self):
+        rng = np.random.default_rng()
+        logits = rng.standard_normal((3, 20)).astype(np.float32)
+        logits[:, 5:9] = -np.inf
+        targets = np.array([0, 10, 19])
+        loss, grad = check(logits, targets, reduction="none")
+        assert np.all(np.isfinite(loss))
+        assert np.all(grad[:, 5:9] == 0)
+        loss = nx.cross_entropy(logits, np.array([6, 0, 0]), reduction="none")
+        assert loss[0] == np.inf and np.all(np.isfinite(loss[1:]))
+        # with smoothing, a masked entry's log-probability -inf enters the loss, as in PyTorch
+        assert np.isinf(nx.cross_entropy(logits, targets, label_smoothing=0.1))
+
+    def test_nan_poisons_its_row_only(self):
+        rng = np.random.default_rng()
+        for dtype in DTYPES:
+            logits = rng.standard_normal((3, 50)).astype(dtype)
+            logits[1, 7] = np.nan
+            loss, grad = nx.cross_entropy_with_grad(logits, np.array([1, 2, 3]), reduction="none")
+            assert np.isnan(loss[1]) and np.all(np.isnan(grad[1].astype(np.float32)))
+            assert np.all(np.isfinite(loss[[0, 2]])) and np.all(np.isfinite(grad[[0, 2]].astype(np.float32)))
+
+    def test_all_minus_inf_row(self):
+        logits = np.full((2, 4), -np.inf, np.float32)
+        logits[0] = 0
+        loss = nx.cross_entropy(logits, np.array([0, 0]), reduction="none")
+        assert np.isfinite(loss[0]) and np.isnan(loss[1])
+        np.testing.assert_array_equal(nx.logsumexp(logits), [np.log(np.float32(4)), -np.inf])
+
+    def test_softcap_saturates_infinite_logits(self):
+        logits = np.array([[np.inf, 0.0, -np.inf]], np.float32)
+        loss, grad = nx.cross_entropy_with_grad(logits, np.array([1]), softcap=2.0, reduction="none")
+        want, want_grad = ref.cross_entropy(logits, np.array([1]), softcap=2.0, reduction="none")
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+        np.testing.assert_allclose(grad, want_grad, atol=1e-6)
+
+    def test_unchecked_bad_target_gives_nan_row(self):
+        logits = np.zeros((3, 4), np.float32)
+        targets = np.array([1, 99, -5])
+        loss, grad = nx.cross_entropy_with_grad(logits, targets, reduction="none", validate=False)
+        assert loss[0] == pytest.approx(np.log(4)) and np.isnan(loss[1]) and np.isnan(loss[2])
+        assert np.all(np.isnan(grad[1:])) and np.all(np.isfinite(grad[0]))
+
+    def test_targets_of_any_integer_dtype(self):
+        rng = np.random.default_rng()
+        logits = rng.standard_normal((6, 200)).astype(np.float32)
+        targets = rng.integers(0, 200, 6)
+        want = nx.cross_entropy(logits, targets)
+        for dtype in (np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64):
+            assert nx.cross_entropy(logits, targets.astype(dtype)) == want
+
+
+def test_seed_example():
+    """A model that gives "cat" probability 0.7 has loss -ln 0.7 = 0.357; 0.9 gives 0.105."""
+    vocab = ["the", "cat", "sat"]
+    cat = vocab.index("cat")
+    for p_cat, expected in [(0.7, 0.357), (0.9, 0.105)]:
+        probs = np.array([(1 - p_cat) / 2, p_cat, (1 - p_cat) / 2], np.float32)
+        loss = nx.cross_entropy(np.log(probs)[None], np.array([cat]))
+        assert round(float(loss), 3) == expected
+        np.testing.assert_allclose(loss, -np.log(p_cat), rtol=1e-6)
+
+
+class TestNormalizations:
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+    def test_softmax_log_softmax_logsumexp(self, dtype):
+        rng = np.random.default_rng()
+        x = (rng.standard_normal((3, 4, 129)) * 4).astype(dtype)
+        x[0, 0, :5] = -np.inf
+        x64 = x.astype(np.float64)
+        rtol = 1e-12 if dtype == np.float64 else 2e-6
+        out_tol = {np.float64: 1e-12, np.float32: 2e-6}.get(dtype, 2.0**-7)
+        lse = nx.logsumexp(x)
+        assert lse.shape == (3, 4) and lse.dtype == (np.float64 if dtype == np.float64 else np.float32)
+        np.testing.assert_allclose(lse, ref.logsumexp(x64), rtol=rtol)
+        sm = nx.softmax(x)
+        assert sm.dtype == x.dtype
+        np.testing.assert_allclose(sm.astype(np.float64), ref.softmax(x64), atol=out_tol)
+        lsm = nx.log_softmax(x)
+        np.testing.assert_allclose(lsm.astype(np.float64), ref.log_softmax(x64), rtol=out_tol, atol=out_tol * 10)
+
+    def test_out_and_in_place(self):
+        rng = np.random.default_rng()
+        x = rng.standard_normal((5, 31)).astype(np.float32)
+        want = nx.softmax(x)
+        out = np.empty_like(x)
+        assert nx.softmax(x, out=out) is out
+        np.testing.assert_array_equal(out, want)
+        assert nx.softmax(x, out=x) is x
+        np.testing.assert_array_equal(x, want)
+
+    def test_stable_for_huge_logits(self):
+        x = np.array([[1e4, 1e4 - 1, -1e4]], np.float32)
+        np.testing.assert_allclose(nx.logsumexp(x), [1e4 + np.log1p(np.exp(-1))], rtol=1e-7)
+        np.testing.assert_allclose(nx.softmax(x).sum(), 1, rtol=1e-6)
+
+
+def test_bitwise_identical_across_thread_counts_and_runs():
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (37, 1003), np.float32, n_ignored=4)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "weight": rng.uniform(0.5, 2, 1003)}
+    results = []
+    original = numba.get_num_threads()
+    try:
+        for threads in sorted({1, original}):
+            numba.set_num_threads(threads)
+            for _ in range(2):
+                loss, grad = nx.cross_entropy_with_grad(logits, targets, **opts)
+                results.append((loss.tobytes(), grad.tobytes()))
+    finally:
+        numba.set_num_threads(original)
+    assert all(r == results[0] for r in results)
+
+
+def test_concurrent_calls_from_python_threads():
+    rng = np.random.default_rng()
+    cases = [make_case(rng, (16, 2000 + i), np.float32) for i in range(6)]
+    expected = [nx.cross_entropy_with_grad(x, t) for x, t in cases]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(5):
+                for (x, t), (loss, grad) in zip(cases, expected, strict=True):
+                    got_loss, got_grad = nx.cross_entropy_with_grad(x, t)
+                    assert got_loss == loss and np.array_equal(got_grad, grad)
+        except Exception as e:  # reported below, in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+
+
+# Every option combination at once, on small shapes.
+@pytest.mark.parametrize(
+    "reduction,smoothing,weighted,z,cap",
+    list(itertools.product(REDUCTIONS, [0.0, 0.3, 1.0], [False, True], [0.0, 0.01], [None, 1.5])),
+)
+def test_option_grid(reduction, smoothing, weighted, z, cap):
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (7, 23), np.float32, n_ignored=2)
+    weight = rng.uniform(0.1, 3, 23) if weighted else None
+    check(logits, targets, reduction=reduction, label_smoothing=smoothing, weight=weight, z_loss=z, softcap=cap)
