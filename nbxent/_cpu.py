@@ -21,6 +21,7 @@ import numpy as np
 from ._jit import (
     as_dtype_of,
     bf16_to_f32,
+    exact_sub,
     f16_to_f32,
     f32_to_bf16,
     f32_to_f16,
@@ -28,6 +29,7 @@ from ._jit import (
     fast_tanh,
     jit_inline,
     jit_kernel,
+    jit_reduce,
     jit_serial,
     row_max,
 )
@@ -38,7 +40,7 @@ HALF_F16, HALF_BF16 = 1, 2
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
 
-@jit_serial
+@jit_reduce
 def row_stats(x, cap, w, smooth):
     """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
 
@@ -63,7 +65,7 @@ def row_stats(x, cap, w, smooth):
             v = cap * fast_tanh(v * inv_cap)
         s += fast_exp(v - m)
         if smooth:
-            d = m - v
+            d = exact_sub(m, v)  # a leaf that ``reassoc`` cannot merge into the sum
             sm += w[j] * d if has_w else d
     return m, s, sm
 

@@ -19,35 +19,44 @@ import numpy as np
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-# ``reassoc`` lets LLVM reorder the row sums into SIMD lanes; results stay deterministic
-# because the order is fixed at compile time, not by threads. ``arcp`` is left out too: it
-# lets LLVM turn ``e * (1 / s)`` back into ``e / s`` in some loop versions and not others, so
-# an in-place call would differ from an out-of-place one in the last bit.
-FASTMATH = {"nsz", "contract", "afn", "reassoc"}
-# The exp below relies on an exact add-then-subtract of a magic constant, which ``reassoc``
-# would fold away, and ``contract`` would fuse differently in vector and scalar code:
-# helpers that need exact, reproducible rounding use this set.
-FASTMATH_EXACT = {"nsz", "afn"}
+# Fast-math flags, in two sets. Neither has ``nnan``/``ninf`` (``-inf`` masks vocabulary,
+# NaN marks a broken row) nor ``arcp`` (it lets LLVM turn ``e * (1 / s)`` back into ``e / s``
+# in some loop versions and not others, so in-place and out-of-place calls would differ in
+# the last bit).
+#
+# FASTMATH_REDUCE adds ``reassoc``, which lets LLVM split a row sum over SIMD lanes (the
+# order is fixed at compile time, so results still do not depend on threads). It is used
+# only for the reduction sweeps: anywhere else ``reassoc`` rewrites ``log_s + (m - x_t)``
+# into ``(m + log_s) - x_t`` and loses 3 digits at a 1e4 offset, and folds the exact
+# add-then-subtract rounding step of ``exp_f32``.
+FASTMATH_REDUCE = {"nsz", "contract", "afn", "reassoc"}
+FASTMATH = {"nsz", "afn"}
 
 # Compiled kernels are cached next to the package (or in NUMBA_CACHE_DIR), so a new
-# process's first call loads machine code instead of compiling for seconds.
+# process's first call loads machine code instead of compiling for seconds. Numba checks
+# only the file of each cached function: after editing this module, delete
+# nbxent/__pycache__/*.nbi and *.nbc, or set NBXENT_NO_CACHE=1.
 CACHE = os.environ.get("NBXENT_NO_CACHE", "") == ""
 
-# Helpers are left for LLVM to inline (numba-level inline="always" would give them the
-# caller's fast-math flags, and "reassoc" breaks the exact rounding step in exp_f32).
-jit_helper = functools.partial(numba.njit, fastmath=FASTMATH_EXACT, cache=CACHE, error_model="numpy")
-# Larger helpers that LLVM declines to inline (and then cannot vectorize) are inlined by Numba.
-jit_inline = functools.partial(numba.njit, inline="always", fastmath=FASTMATH_EXACT, cache=CACHE, error_model="numpy")
+_OPTIONS = {"cache": CACHE, "error_model": "numpy"}  # "numpy": no ZeroDivisionError branch in
+#                                                      float division, which blocks SIMD
+
+# Small helpers, left to LLVM to inline; each keeps its own (exact) flags there.
+jit_helper = functools.partial(numba.njit, fastmath=FASTMATH, **_OPTIONS)
+# Sweeps inlined by Numba itself (taking the caller's flags), so that a call passing the same
+# array twice compiles to a loop over one pointer (see ``_cpu.write_grad``).
+jit_inline = functools.partial(numba.njit, inline="always", fastmath=FASTMATH, **_OPTIONS)
+# Row functions, and the reduction sweeps.
+jit_serial = functools.partial(numba.njit, fastmath=FASTMATH, nogil=True, **_OPTIONS)
+jit_reduce = functools.partial(numba.njit, fastmath=FASTMATH_REDUCE, nogil=True, **_OPTIONS)
+# Parallel kernels over rows; they release the GIL so Python threads can call them at once.
+jit_kernel = functools.partial(numba.njit, parallel=True, fastmath=FASTMATH, nogil=True, **_OPTIONS)
 
 
 def overload_helper(func):
-    return overload(func, jit_options={"fastmath": FASTMATH_EXACT, "cache": CACHE, "error_model": "numpy"})
+    """``@overload`` with the helpers' options: a type-dispatched jit helper."""
+    return overload(func, jit_options={"fastmath": FASTMATH, **_OPTIONS})
 
-
-jit_kernel = functools.partial(
-    numba.njit, parallel=True, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy"
-)
-jit_serial = functools.partial(numba.njit, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy")
 
 _F32 = np.float32
 _LOG2E = _F32(1.4426950408889634)
@@ -115,7 +124,7 @@ def exp_f32(x):
     return _F32(0.0) if x < _EXP_LO else y
 
 
-@jit_inline
+@jit_helper
 def tanh_f32(x):
     """tanh(x) for float32 x, vectorizable: a 13/6 rational minimax fit (as in Eigen).
 
@@ -269,3 +278,10 @@ def _as_dtype_of_impl(x, value):
     if x.dtype == types.float32:
         return lambda x, value: np.float32(value)
     return lambda x, value: np.float64(value)
+
+
+@jit_helper
+def exact_sub(a, b):
+    """``a - b`` compiled without ``reassoc``: inside a ``jit_reduce`` sum it stays one rounded
+    difference instead of being reordered into ``(sum + a) - b``."""
+    return a - b

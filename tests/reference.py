@@ -74,7 +74,8 @@ def cross_entropy(
             grads *= go
         else:
             loss = losses.sum() / total_weight
-            grads *= go / total_weight
+            kept = t != ignore_index  # ignored rows keep a zero gradient, even when all are ignored
+            grads[kept] *= go / total_weight
     return loss, grads.reshape(logits.shape)
 
 
