@@ -1,0 +1,116 @@
+"""Numba CPU kernels for logits split along the vocabulary: one block holds columns
+``[col0, col0 + n_cols)`` of ``n_classes`` for a band of rows, float32 or float64 (16-bit
+blocks are widened to float32 by the caller). As in ``_cpu``, the block is a 1-D buffer ``x``
+and row offsets ``x_off`` (row ``i`` is ``x[x_off[i] : x_off[i] + n_cols]``), so that a block
+that is a column slice of a larger array is read in place.
+
+The softmax of a split row is assembled in two passes, as in online softmax:
+
+1. ``chunk_stats``: per row of a block, the statistics ``row_stats`` gives for a whole row,
+   over the block's columns only, plus the target's (capped) logit and weight when the target
+   falls in the block. The caller merges blocks by rescaling to the larger max.
+2. ``chunk_grad``: with the merged lse of every row, the gradient of each block on its own.
+
+Rows run in parallel; each row is handled by one thread, so results do not depend on the
+thread count.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._cpu import row_stats, skip_value
+from ._jit import as_dtype_of, fast_exp, fast_tanh, jit_kernel, jit_serial
+
+
+@jit_kernel
+def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, wt):
+    """Per-row partial statistics of one vocabulary block.
+
+    For each row: ``m`` the block max of ``xc = cap * tanh(x / cap)`` (``x`` when ``cap`` is 0),
+    ``s = sum_j exp(xc_j - m)`` and, when ``smooth``, ``sm = sum_j w_j (m - xc_j)`` over the
+    block, with ``w`` the block's slice of the class weights (empty: all 1). A block of all
+    ``-inf`` gives ``m = -inf`` and ``s = sm = 0``, so that it drops out of the merge instead
+    of poisoning it with ``-inf - -inf``.
+
+    ``xt`` and ``wt`` get the target's capped logit and weight when ``targets[i] - col0`` is a
+    column of the block, and 0 otherwise, so that summing them over blocks gives the row's
+    values. ``targets`` may be empty (logsumexp).
+    """
+    zero = as_dtype_of(m, 0)
+    one = as_dtype_of(m, 1)
+    has_t = targets.size > 0
+    has_w = w.size > 0
+    for i in numba.prange(m.size):
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        mi, si, smi = row_stats(xr, cap, w, smooth)
+        if mi == -np.inf:
+            si = zero
+            smi = zero
+        m[i] = mi
+        s[i] = si
+        sm[i] = smi
+        if not has_t:
+            continue
+        j = targets[i] - col0
+        if 0 <= j < n_cols:
+            v = xr[j]
+            if cap > zero:
+                v = cap * fast_tanh(v / cap)
+            xt[i] = v
+            wt[i] = w[j] if has_w else one
+        else:
+            xt[i] = zero
+            wt[i] = zero
+
+
+@jit_serial
+def grad_row(x, g, jt, w, cap, lse, a, b, c):
+    """The gradient of one row's block (see ``_cpu.xent_row`` for its derivation):
+
+        g_j = [a exp(xc_j - lse) - b w_j - c [j == jt]] * (1 - (xc_j / cap)^2)
+
+    with ``a = scale ((1 - eps) w_t + eps W / V + 2 z w_t lse)``, ``b = scale eps / V`` and
+    ``c = scale (1 - eps) w_t`` computed once per row by the caller, and ``jt`` the target's
+    column in the block (outside ``[0, n_cols)`` when it lies in another block).
+    """
+    zero = as_dtype_of(x, 0)
+    one = as_dtype_of(x, 1)
+    capped = cap > zero
+    inv_cap = one / cap if capped else zero
+    has_w = w.size > 0
+    # 1. The softmax and smoothing terms, one sweep that writes each entry once.
+    for j in range(x.size):
+        v = x[j]
+        if capped:
+            v = cap * fast_tanh(v * inv_cap)
+        gj = a * fast_exp(v - lse) - (b * w[j] if has_w else b)
+        if capped:
+            r = v * inv_cap
+            gj *= one - r * r
+        g[j] = gj
+    # 2. The target's own term, when the target is in this block.
+    if 0 <= jt < x.size:
+        d_t = one
+        if capped:
+            r = cap * fast_tanh(x[jt] / cap) * inv_cap
+            d_t = one - r * r
+        g[jt] -= c * d_t
+
+
+@jit_kernel
+def chunk_grad(x, x_off, n_cols, col0, n_classes, targets, ignore_index, w, cap, lse, a, b, c, g):
+    """Gradient of one vocabulary block into ``g`` (C-contiguous, rows x n_cols), given per-row
+    ``lse`` of the whole row and the per-row factors ``a``, ``b``, ``c`` of ``grad_row``.
+
+    Ignored rows get 0 and rows whose target is outside ``[0, n_classes)`` get NaN, as the
+    in-memory kernels give.
+    """
+    for i in numba.prange(g.shape[0]):
+        fill = skip_value(targets[i], ignore_index, n_classes)
+        if fill != -1.0:
+            g[i, :] = fill
+            continue
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        grad_row(xr, g[i], targets[i] - col0, w, cap, lse[i], a[i], b[i], c[i])

@@ -1,0 +1,453 @@
+"""nbxent.dask against the in-memory functions: every option, reduction and dtype, chunkings
+that split rows and the vocabulary (unevenly, one row per block, one block), the threaded
+scheduler and a real multi-process ``dask.distributed`` cluster, and every bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+hypothesis = pytest.importorskip("hypothesis")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import nbxent as nx  # noqa: E402
+import nbxent.dask as nxd  # noqa: E402
+
+N, V = 23, 37
+# Row chunks x vocabulary chunks; "one vocab block" cases must match the in-memory path bitwise.
+CHUNKINGS = {
+    "one block": ((N,), (V,)),
+    "rows": ((5, 5, 5, 8), (V,)),
+    "one row per block": ((1,) * N, (V,)),
+    "uneven vocab": ((N,), (1, 15, 21)),
+    "rows x vocab": ((7, 16), (10, 10, 10, 7)),
+    "one row x vocab": ((1,) * N, (12, 25)),
+    "many vocab blocks": ((11, 12), (5, 5, 5, 5, 5, 5, 7)),  # with split_every=2: combine runs
+}
+DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+OPTION_SETS = {
+    "plain": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "smooth": {"label_smoothing": 0.1},
+    "weight": {"weight": "random"},
+    "weight+smooth": {"weight": "random", "label_smoothing": 0.25, "reduction": "sum"},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 3.0, "reduction": "none"},
+    "ignore a class id": {"ignore_index": 0, "label_smoothing": 0.1},
+    "everything": {"weight": "random", "label_smoothing": 0.05, "z_loss": 1e-2, "softcap": 5.0},
+}
+
+
+def one_vocab_block(logits) -> bool:
+    return len(logits.chunks[-1]) == 1
+
+
+def tolerances(dtype):
+    """(loss rtol, grad atol relative to the largest gradient entry) against the in-memory path."""
+    name = np.dtype(dtype).name
+    if name == "float64":
+        return 1e-12, 1e-12
+    if name == "float32":
+        return 1e-5, 1e-5
+    # A 16-bit gradient entry may round to the neighbouring 16-bit value.
+    return 1e-5, 2.0 ** -(8 if name == "bfloat16" else 11)
+
+
+def make_case(rng, dtype=np.float32, shape=(N, V), scale=3.0):
+    logits = (rng.standard_normal(shape) * scale).astype(dtype)
+    targets = rng.integers(0, shape[-1], size=shape[:-1])
+    targets.reshape(-1)[::7] = -100
+    return logits, targets
+
+
+def resolve(options, rng, n_classes=V):
+    opts = dict(options)
+    if opts.get("weight") == "random":
+        opts["weight"] = rng.uniform(0.2, 2.0, n_classes)
+    return opts
+
+
+def assert_matches(dask_result, memory_result, dtype, exact: bool, grad=False):
+    """Dask result (computed) against the in-memory one: when ``exact``, bitwise for arrays, and
+    for a reduced loss within a few ulp (Dask sums the row losses of each block, then the
+    block sums; NumPy sums all rows pairwise)."""
+    dask_result = np.asarray(dask_result)
+    memory_result = np.asarray(memory_result)
+    assert dask_result.dtype == memory_result.dtype
+    assert dask_result.shape == memory_result.shape
+    if exact and dask_result.ndim:
+        np.testing.assert_array_equal(dask_result, memory_result)
+        return
+    if exact:
+        np.testing.assert_allclose(dask_result, memory_result, rtol=4 * np.finfo(dask_result.dtype).eps)
+        return
+    loss_rtol, grad_atol = tolerances(dtype)
+    if grad:
+        a, b = dask_result.astype(np.float64), memory_result.astype(np.float64)
+        np.testing.assert_allclose(a, b, rtol=0, atol=grad_atol * np.nanmax(np.abs(b)))
+    else:
+        np.testing.assert_allclose(dask_result, memory_result, rtol=loss_rtol, atol=0)
+
+
+def compare(
+    logits,
+    targets,
+    dlogits,
+    dtargets=None,
+    grad_output=1.0,
+    dgrad_output=None,
+    scheduler="threads",
+    split_every=None,
+    **opts,
+):
+    """Loss and gradient of nbxent.dask against nbxent, loss-only and fused paths."""
+    dtargets = targets if dtargets is None else dtargets
+    dgrad_output = grad_output if dgrad_output is None else dgrad_output
+    # One vocabulary block runs the in-memory kernel on each row block: the same values, except
+    # for sums over rows (the reduced loss; the 'mean' divisor with weights), which Dask adds
+    # block by block.
+    weighted_mean = opts.get("weight") is not None and opts.get("reduction", "mean") == "mean"
+    exact = one_vocab_block(dlogits) and not weighted_mean
+    loss, grad = nx.cross_entropy_with_grad(logits, targets, grad_output=grad_output, **opts)
+    d_loss_only = nxd.cross_entropy(dlogits, dtargets, split_every=split_every, **opts)
+    d_loss, d_grad = nxd.cross_entropy_with_grad(
+        dlogits, dtargets, grad_output=dgrad_output, split_every=split_every, **opts
+    )
+    assert isinstance(d_loss, da.Array) and isinstance(d_grad, da.Array)
+    assert d_grad.chunks == dlogits.chunks
+    d_loss_only, d_loss, d_grad = dask.compute(d_loss_only, d_loss, d_grad, scheduler=scheduler)
+    assert_matches(d_loss_only, loss, logits.dtype, exact)
+    assert_matches(d_loss, loss, logits.dtype, exact)
+    assert_matches(d_grad, grad, logits.dtype, exact, grad=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values, threaded scheduler
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_options_and_chunkings(chunking, option_set):
+    rng = np.random.default_rng([list(CHUNKINGS).index(chunking), list(OPTION_SETS).index(option_set)])
+    logits, targets = make_case(rng)
+    opts = resolve(OPTION_SETS[option_set], rng)
+    targets[targets == -100] = opts.get("ignore_index", -100)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
+    compare(logits, targets, dlogits, split_every=2, **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
+def test_dtypes(dtype, chunking):
+    rng = np.random.default_rng(5)
+    logits, targets = make_case(rng, dtype)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
+    compare(logits, targets, dlogits, label_smoothing=0.1, softcap=4.0, weight=rng.uniform(0.5, 1.5, V))
+    lse = nxd.logsumexp(dlogits).compute()
+    assert_matches(lse, nx.logsumexp(logits), dtype, one_vocab_block(dlogits))
+
+
+def test_merge_tree_has_combine_steps():
+    """With more vocabulary blocks than ``split_every``, the merge is a tree, not one step."""
+    rng = np.random.default_rng(6)
+    logits, targets = make_case(rng)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS["many vocab blocks"])
+    loss = nxd.cross_entropy(dlogits, targets, reduction="none", split_every=2)
+    layers = dict(loss.dask.layers)
+    assert any(name.startswith("nbxent-merge-stats-partial") for name in layers)
+    np.testing.assert_allclose(loss.compute(), nx.cross_entropy(logits, targets, reduction="none"), rtol=1e-5)
+
+
+@given(
+    n_rows=st.integers(1, 12),
+    row_splits=st.lists(st.integers(1, 11), max_size=3),
+    col_splits=st.lists(st.integers(1, 18), max_size=4),
+    split_every=st.integers(2, 5),
+    seed=st.integers(0, 2**32 - 1),
+    smoothing=st.sampled_from([0.0, 0.3]),
+)
+@settings(max_examples=25, deadline=None)
+def test_any_chunking(n_rows, row_splits, col_splits, split_every, seed, smoothing):
+    """Random chunk boundaries along both axes give the in-memory values."""
+    n_cols = 19
+
+    def chunks(n, splits):
+        cuts = sorted({c for c in splits if 0 < c < n})
+        return tuple(np.diff([0, *cuts, n]).tolist())
+
+    rng = np.random.default_rng(seed)
+    logits, targets = make_case(rng, np.float32, (n_rows, n_cols), scale=5.0)
+    dlogits = da.from_array(logits, chunks=(chunks(n_rows, row_splits), chunks(n_cols, col_splits)))
+    weight = rng.uniform(0.5, 2.0, n_cols)
+    compare(
+        logits,
+        targets,
+        dlogits,
+        scheduler="sync",
+        weight=weight,
+        label_smoothing=smoothing,
+        split_every=split_every,
+        reduction="sum",
+    )
+
+
+def test_leading_axes_and_dask_inputs():
+    """(B, T, V) logits; Dask targets chunked unlike the logits; Dask weight and grad_output."""
+    rng = np.random.default_rng(7)
+    logits, targets = make_case(rng, np.float32, (4, 6, V))
+    weight = rng.uniform(0.5, 1.5, V)
+    grad_output = rng.standard_normal((4, 6))
+    dlogits = da.from_array(logits, chunks=(2, 3, 10))
+    compare(
+        logits,
+        targets,
+        dlogits,
+        dtargets=da.from_array(targets, chunks=(1, 5)),
+        grad_output=grad_output,
+        dgrad_output=da.from_array(grad_output, chunks=(3, 2)),
+        reduction="none",
+        weight=da.from_array(weight, chunks=8),
+        label_smoothing=0.1,
+    )
+    lse = nxd.logsumexp(dlogits)
+    assert lse.shape == (4, 6)
+    np.testing.assert_allclose(lse.compute(), nx.logsumexp(logits), rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
+def test_block_layouts(chunking):
+    """Blocks that are column slices (read in place) or column-major (copied) give the same."""
+    rng = np.random.default_rng(16)
+    logits, targets = make_case(rng)
+    for layout in (logits, np.asfortranarray(logits), np.ascontiguousarray(logits.T).T):
+        compare(logits, targets, da.from_array(layout, chunks=CHUNKINGS[chunking]), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lazy_scalar_grad_output(reduction):
+    rng = np.random.default_rng(8)
+    logits, targets = make_case(rng)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS["rows x vocab"])
+    compare(logits, targets, dlogits, grad_output=2.5, dgrad_output=da.from_array(np.float64(2.5)), reduction=reduction)
+
+
+def test_one_dimensional_logits():
+    logits = np.array([1.0, 2.0, 0.5], dtype=np.float32)
+    dlogits = da.from_array(logits, chunks=2)
+    compare(logits, np.array(1), dlogits, label_smoothing=0.2)
+    assert nxd.logsumexp(dlogits).shape == ()
+
+
+def test_infinite_logits():
+    """A vocabulary block of all -inf (a masked range) drops out of the merge; an all -inf row
+    has lse -inf and a +inf entry lse +inf, as in memory."""
+    rng = np.random.default_rng(9)
+    logits, targets = make_case(rng, np.float32, (4, 12))
+    targets[:] = 1
+    logits[:, 6:] = -np.inf
+    logits[2] = -np.inf
+    logits[3, 8] = np.inf
+    dlogits = da.from_array(logits, chunks=(2, 6))
+    lse = nxd.logsumexp(dlogits).compute()
+    np.testing.assert_array_equal(lse, nx.logsumexp(logits))  # exact where infinite, 1 ulp otherwise
+    loss = nxd.cross_entropy(dlogits, targets, reduction="none").compute()
+    memory = nx.cross_entropy(logits, targets, reduction="none")
+    assert np.isfinite(loss[:2]).all()
+    np.testing.assert_allclose(loss, memory, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
+def test_all_ignored_mean_is_nan(chunking):
+    logits = np.zeros((N, V), dtype=np.float32)
+    targets = np.full(N, -100)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
+    loss, grad = dask.compute(*nxd.cross_entropy_with_grad(dlogits, targets))
+    assert np.isnan(loss)
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
+def test_unvalidated_bad_target_gives_nan_row(chunking):
+    rng = np.random.default_rng(10)
+    logits, targets = make_case(rng)
+    targets[3] = V + 5
+    targets[4] = -7
+    dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
+    compare(logits, targets, dlogits, validate=False, reduction="none")
+    loss = nxd.cross_entropy(dlogits, targets, validate=False, reduction="none").compute()
+    assert np.isnan(loss[[3, 4]]).all() and np.isfinite(np.delete(loss, [3, 4])).all()
+
+
+def test_graph_is_lazy():
+    """Building the graph reads no logits and no Dask targets; compute reads each logits block
+    once for the loss."""
+    reads = []
+
+    def produce(block, block_info=None):
+        reads.append(block_info[0]["chunk-location"])
+        return block
+
+    rng = np.random.default_rng(11)
+    logits, targets = make_case(rng)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS["rows x vocab"]).map_blocks(produce, meta=logits[:0, :0])
+    loss = nxd.cross_entropy(dlogits, da.from_array(targets, chunks=5), label_smoothing=0.1)
+    lse = nxd.logsumexp(dlogits)
+    loss2, grad = nxd.cross_entropy_with_grad(dlogits, targets)
+    assert reads == []
+    loss.compute(scheduler="sync")
+    assert sorted(reads) == sorted({(i, j) for i in range(2) for j in range(4)})
+    assert lse.shape == (N,) and grad.shape == (N, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: the in-memory function's error, at graph build time.
+
+
+def _bad_inputs():
+    logits = np.zeros((4, 5), np.float32)
+    targets = np.array([0, 1, 2, 3])
+    cases = {
+        "integer logits": (np.zeros((4, 5), np.int32), targets, {}),
+        "0-d logits": (np.zeros((), np.float32), np.array(0), {}),
+        "empty vocabulary": (np.zeros((4, 0), np.float32), targets, {}),
+        "float targets": (logits, targets.astype(np.float32), {}),
+        "targets shape": (logits, np.array([0, 1, 2]), {}),
+        "reduction": (logits, targets, {"reduction": "avg"}),
+        "ignore_index type": (logits, targets, {"ignore_index": 1.5}),
+        "label_smoothing range": (logits, targets, {"label_smoothing": 1.5}),
+        "z_loss sign": (logits, targets, {"z_loss": -1.0}),
+        "softcap zero": (logits, targets, {"softcap": 0.0}),
+        "weight shape": (logits, targets, {"weight": np.ones(4)}),
+        "weight dtype": (logits, targets, {"weight": np.ones(5, dtype=complex)}),
+        "target too large": (logits, np.array([0, 1, 5, 3]), {}),
+        "target negative": (logits, np.array([0, -1, 2, 3]), {}),
+        "grad_output shape": (logits, targets, {"grad_output": np.ones(4)}),
+        "grad_output shape none": (logits, targets, {"grad_output": np.ones(3), "reduction": "none"}),
+        "grad_output dtype": (logits, targets, {"grad_output": np.array("a")}),
+    }
+    return cases
+
+
+BAD = _bad_inputs()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_same_error_at_build(case):
+    logits, targets, kwargs = BAD[case]
+    dlogits = da.from_array(logits, chunks=tuple(max(1, (n + 1) // 2) for n in logits.shape))
+    with pytest.raises((TypeError, ValueError)) as memory:
+        nx.cross_entropy_with_grad(logits, targets, **kwargs)
+    with pytest.raises(memory.type) as lazy:
+        nxd.cross_entropy_with_grad(dlogits, targets, **kwargs)  # raises before any compute
+    assert str(lazy.value) == str(memory.value)
+    if "grad_output" not in kwargs:
+        with pytest.raises(memory.type, match=f"^{_escaped(memory.value)}$"):
+            nxd.cross_entropy(dlogits, targets, **kwargs)
+
+
+def _escaped(error) -> str:
+    return re.escape(str(error))
+
+
+@pytest.mark.parametrize("case", ["integer logits", "0-d logits", "empty vocabulary"])
+def test_bad_logits_logsumexp(case):
+    logits = BAD[case][0]
+    with pytest.raises((TypeError, ValueError)) as memory:
+        nx.logsumexp(logits)
+    with pytest.raises(memory.type, match=f"^{_escaped(memory.value)}$"):
+        nxd.logsumexp(da.from_array(logits))
+
+
+def test_unknown_chunk_sizes():
+    x = da.zeros((6, 4), chunks=3)
+    unknown = x[x[:, 0] >= 0]
+    with pytest.raises(ValueError, match="unknown chunk sizes"):
+        nxd.cross_entropy(unknown, np.zeros(6, int))
+
+
+@pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
+def test_dask_target_out_of_range_raises_at_compute(chunking):
+    """Dask targets are checked lazily, with the in-memory message and the global position."""
+    rng = np.random.default_rng(12)
+    logits, targets = make_case(rng, np.float32, (4, 6, V))
+    targets[2, 4] = V
+    with pytest.raises(ValueError) as memory:
+        nx.cross_entropy(logits, targets)
+    assert "targets[2, 4]" in str(memory.value)
+    dlogits = da.from_array(logits, chunks=(1, 3, 10) if chunking == "rows x vocab" else (1, 3, V))
+    loss, grad = nxd.cross_entropy_with_grad(dlogits, da.from_array(targets, chunks=(1, 2)))
+    for result in (loss, grad):
+        with pytest.raises(ValueError, match=f"^{_escaped(memory.value)}$"):
+            result.compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real multi-process cluster
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    # Workers run one task each; Numba's threads inside a task are capped so the two
+    # processes do not oversubscribe the machine.
+    env = {"NUMBA_NUM_THREADS": "1"}
+    with (
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, env=env
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as c,
+    ):
+        yield c
+
+
+def test_cluster_has_two_worker_processes(client):
+    pids = client.run(os.getpid)
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+
+
+@pytest.mark.parametrize("chunking", ["rows", "uneven vocab", "one row x vocab", "many vocab blocks"])
+def test_distributed_matches_in_memory(client, chunking):
+    from distributed import get_task_stream
+
+    rng = np.random.default_rng(13)
+    logits, targets = make_case(rng)
+    opts = resolve(OPTION_SETS["everything"], rng)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
+    memory = nx.cross_entropy_with_grad(logits, targets, **opts)
+    with get_task_stream(client) as tasks:
+        d_loss, d_grad = nxd.cross_entropy_with_grad(dlogits, da.from_array(targets, chunks=4), split_every=2, **opts)
+        d_loss, d_grad = client.compute([d_loss, d_grad], sync=True)
+    exact = one_vocab_block(dlogits)
+    assert_matches(d_loss, memory[0], np.float32, exact)
+    assert_matches(d_grad, memory[1], np.float32, exact, grad=True)
+    assert len({t["worker"] for t in tasks.data}) == 2  # both processes did work
+
+
+def test_distributed_logsumexp_and_bfloat16(client):
+    rng = np.random.default_rng(14)
+    logits, targets = make_case(rng, ml_dtypes.bfloat16)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS["rows x vocab"])
+    lazy = [nxd.logsumexp(dlogits), nxd.cross_entropy(dlogits, targets, reduction="sum")]
+    lse, loss = client.compute(lazy, sync=True)
+    np.testing.assert_allclose(lse, nx.logsumexp(logits), rtol=1e-6)
+    np.testing.assert_allclose(loss, nx.cross_entropy(logits, targets, reduction="sum"), rtol=1e-5)
+
+
+def test_distributed_bad_target_raises(client):
+    rng = np.random.default_rng(15)
+    logits, targets = make_case(rng)
+    targets[17] = -3
+    with pytest.raises(ValueError) as memory:
+        nx.cross_entropy(logits, targets)
+    loss = nxd.cross_entropy(da.from_array(logits, chunks=(5, 10)), da.from_array(targets, chunks=5))
+    with pytest.raises(ValueError, match=f"^{_escaped(memory.value)}$"):
+        client.compute(loss, sync=True)
