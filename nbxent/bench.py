@@ -1,0 +1,220 @@
+"""``nbxent bench``: nbxent against the machine's memory floor and its peers, side by side.
+
+Every figure is the median of several timed calls in this one process, after a warm-up call
+(compilation is never timed). The floor for a pass that reads the logits and writes a
+gradient is one copy of the logits (``np.copyto``: the same bytes read and written); for the
+loss alone it is one parallel read of the logits. Peers: a vectorized NumPy implementation
+and, when importable, PyTorch's ``F.cross_entropy`` forward+backward on the same thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from . import api
+from ._jit import jit_kernel, jit_reduce
+
+DEFAULT_SHAPES = ((2048, 32000), (512, 128256), (256, 256000))
+
+
+@jit_reduce
+def _sum_row(x):
+    s = x[0] * 0
+    for j in range(x.size):
+        s += x[j]
+    return s
+
+
+@jit_kernel
+def _read_pass(x2d, sink):
+    """Sum every row of a 2-D array: a parallel read of every byte, the floor of a forward."""
+    for i in numba.prange(x2d.shape[0]):
+        sink[i] = _sum_row(x2d[i])
+
+
+@dataclass
+class Row:
+    shape: tuple[int, int]
+    dtype: str
+    op: str
+    ms: float
+    nbytes: int
+    floor_ms: float
+    torch_ms: float | None = None
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / (self.ms * 1e-3) / 1e9
+
+    @property
+    def floor_multiple(self) -> float:
+        return self.ms / self.floor_ms
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def numpy_cross_entropy_with_grad(x: np.ndarray, t: np.ndarray) -> tuple[np.floating, np.ndarray]:
+    """The plain vectorized NumPy way: log-softmax, gather, softmax minus one-hot."""
+    m = x.max(axis=1, keepdims=True)
+    e = np.exp(x - m)
+    s = e.sum(axis=1, keepdims=True)
+    rows = np.arange(x.shape[0])
+    loss = np.mean(np.log(s[:, 0]) + m[:, 0] - x[rows, t])
+    e /= s
+    e[rows, t] -= 1
+    e /= x.shape[0]
+    return loss, e
+
+
+def _logits(shape: tuple[int, int], dtype: str, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(3)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return x.astype(ml_dtypes.bfloat16)
+    return x.astype(dtype)
+
+
+def run(
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    dtype: str = "float32",
+    repeats: int = 5,
+    with_torch: bool = True,
+    with_numpy: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Time every operation at every shape; returns one Row per (shape, operation)."""
+    torch = None
+    if with_torch:
+        try:
+            import torch
+
+            torch.set_num_threads(numba.get_num_threads())
+        except ImportError:
+            torch = None
+    rows: list[Row] = []
+    rng = np.random.default_rng(0)
+    with_numpy = with_numpy and dtype in ("float32", "float64")
+    steps = len(shapes) * (5 + with_numpy + (torch is not None))
+    step = 0
+
+    def say(what: str) -> None:
+        nonlocal step
+        step += 1
+        if progress:
+            progress(f"[{step}/{steps}] {what}")
+
+    for shape in shapes:
+        rows += _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say)
+    return rows
+
+
+def _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say) -> list[Row]:
+    """Rows for one shape: the floors, nbxent's three operations, and the peers."""
+    label = f"{shape[0]}x{shape[1]}"
+    x = _logits(shape, dtype, rng)
+    t = rng.integers(0, shape[1], shape[0])
+    out = np.empty_like(x)
+    bits = x.view(np.uint16) if x.itemsize == 2 else x  # 16-bit floors read the raw bits
+    sink = np.empty(shape[0], np.float64)
+    # warm-ups: compile and touch every buffer once
+    _read_pass(bits, sink)
+    api.cross_entropy(x, t)
+    api.cross_entropy_with_grad(x, t, out=out)
+    np.copyto(out, x)
+
+    say(f"{label} copy floor")
+    copy_ms = median_ms(lambda: np.copyto(out, x), repeats)
+    say(f"{label} read floor")
+    read_ms = median_ms(lambda: _read_pass(bits, sink), repeats)
+    say(f"{label} nbxent forward")
+    fwd = median_ms(lambda: api.cross_entropy(x, t), repeats)
+    say(f"{label} nbxent forward+backward")
+    fwdbwd = median_ms(lambda: api.cross_entropy_with_grad(x, t, out=out), repeats)
+    say(f"{label} nbxent forward+backward in place")
+    work = x.copy()
+    api.cross_entropy_with_grad(work, t, out=work)
+    inplace = median_ms(lambda: api.cross_entropy_with_grad(work, t, out=work), repeats)
+    torch_ms = None
+    if torch is not None:
+        say(f"{label} PyTorch forward+backward")
+        tx = torch.from_numpy(x.astype(np.float32) if x.itemsize == 2 else x)
+        if dtype in ("float16", "bfloat16"):
+            tx = tx.to(getattr(torch, dtype))
+        tt = torch.from_numpy(t)
+
+        def torch_step():
+            leaf = tx.detach().requires_grad_()
+            torch.nn.functional.cross_entropy(leaf, tt).backward()
+
+        torch_step()
+        torch_ms = median_ms(torch_step, max(3, repeats // 2))
+    nbytes = x.nbytes
+    rows = [
+        Row(shape, dtype, "copy (floor)", copy_ms, 2 * nbytes, copy_ms),
+        Row(shape, dtype, "read (floor)", read_ms, nbytes, read_ms),
+        Row(shape, dtype, "forward", fwd, nbytes, read_ms),
+        Row(shape, dtype, "forward+backward", fwdbwd, 2 * nbytes, copy_ms, torch_ms),
+        Row(shape, dtype, "forward+backward in place", inplace, 2 * nbytes, copy_ms, torch_ms),
+    ]
+    if with_numpy:
+        say(f"{label} NumPy forward+backward")
+        np_ms = median_ms(lambda: numpy_cross_entropy_with_grad(x, t), max(3, repeats // 2))
+        rows.append(Row(shape, dtype, "NumPy forward+backward", np_ms, 2 * nbytes, copy_ms, torch_ms))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A Markdown table: ms, GB/s, multiple of the floor, PyTorch ms and the speed-up over it."""
+    head = "| shape | dtype | operation | ms | GB/s | × floor | PyTorch fwd+bwd ms | speed-up vs PyTorch |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        torch_ms = f"{r.torch_ms:.3g}" if r.torch_ms is not None else "–"
+        speedup = f"{r.torch_ms / r.ms:.1f}×" if r.torch_ms is not None else "–"
+        lines.append(
+            f"| {r.shape[0]}×{r.shape[1]} | {r.dtype} | {r.op} | {r.ms:.3g} | {r.gbps:.3g} | "
+            f"{r.floor_multiple:.2f} | {torch_ms} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+_FIRST_CALL = """
+import time, numpy as np
+t0 = time.perf_counter()
+import nbxent
+x = np.zeros((4, 1000), np.float32)
+nbxent.cross_entropy_with_grad(x, np.zeros(4, np.int64))
+print(time.perf_counter() - t0)
+"""
+
+
+def first_call_seconds() -> tuple[float, float]:
+    """(cold, warm): seconds for import + first fused float32 call in a fresh process, with an
+    empty compile cache (compiling) and then with the cache that call left (loading)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        env.pop("NBXENT_NO_CACHE", None)
+        times = []
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"first-call probe failed:\n{done.stderr}")
+            times.append(float(done.stdout.split()[-1]))
+    return times[0], times[1]

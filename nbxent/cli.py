@@ -1,0 +1,127 @@
+"""The command line: ``nbxent bench`` (the main job) and ``nbxent info``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from importlib import metadata
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n_rows, n_cols = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not of the form NxV, e.g. 2048x32000") from None
+    if n_rows < 1 or n_cols < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r} needs N >= 1 and V >= 1")
+    return n_rows, n_cols
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cuda_status() -> str:
+    """Whether a CUDA GPU is usable, in words (imports numba.cuda only here)."""
+    try:
+        from numba import cuda
+    except ImportError as e:
+        return f"no (numba-cuda not importable: {e}; pip install 'nbxent[cuda]')"
+    try:
+        if cuda.is_available():
+            return f"yes ({cuda.get_current_device().name})"
+        return "no (no CUDA driver or GPU found)"
+    except Exception as e:  # a broken driver or toolkit reports here
+        return f"no ({e})"
+
+
+def info() -> str:
+    import numba
+    import numpy as np
+
+    import nbxent
+
+    nbxent.logsumexp(np.zeros((2, 2), np.float32))  # start the threading layer
+    lines = [
+        f"nbxent          {nbxent.__version__}",
+        f"python          {platform.python_version()} ({sys.executable})",
+        f"platform        {platform.platform()}",
+        f"numpy           {np.__version__}",
+        f"numba           {numba.__version__} (llvmlite {_version('llvmlite')})",
+        f"numba-cuda      {_version('numba-cuda')}",
+        f"ml_dtypes       {_version('ml_dtypes')}",
+        f"torch           {_version('torch')}",
+        f"threading layer {numba.threading_layer()}",
+        f"threads         {numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS}",
+        f"CUDA usable     {cuda_status()}",
+    ]
+    return "\n".join(lines)
+
+
+def bench(args: argparse.Namespace) -> str:
+    import numba
+
+    from . import bench as b
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows = b.run(
+        args.shapes or b.DEFAULT_SHAPES,
+        args.dtype,
+        args.repeats,
+        with_torch=not args.no_torch,
+        with_numpy=not args.no_numpy,
+        progress=progress,
+    )
+    out = [
+        f"nbxent bench: {numba.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"median of {args.repeats}; × floor is the time over one copy of the logits (forward: one read)",
+        "",
+        b.format_table(rows),
+    ]
+    if not args.no_first_call:
+        progress("first call in a fresh process (cold compile, then warm cache)")
+        cold, warm = b.first_call_seconds()
+        out += ["", f"first call in a new process (import + fused float32 call): cold {cold:.2f} s, warm {warm:.2f} s"]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nbxent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_bench = sub.add_parser("bench", help="time nbxent against the memory floor, NumPy and PyTorch")
+    p_bench.add_argument(
+        "--shapes", type=_shape, nargs="+", help="NxV shapes (default: 2048x32000 512x128256 256x256000)"
+    )
+    p_bench.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p_bench.add_argument("--threads", type=_positive, help="Numba (and PyTorch) threads (default: all)")
+    p_bench.add_argument("--repeats", type=_positive, default=7, help="timed calls per figure (median)")
+    p_bench.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    p_bench.add_argument("--no-numpy", action="store_true", help="skip the NumPy peer")
+    p_bench.add_argument("--no-first-call", action="store_true", help="skip the cold/warm first-call probe")
+    sub.add_parser("info", help="versions, threading layer, threads, CUDA")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    else:
+        print(bench(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
