@@ -17,8 +17,8 @@ import numba
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _checks
-from ._cpu import HALF_BF16, HALF_F16, MODE_LSE, normalize_rows, normalize_rows_16, xent_rows, xent_rows_16
+from . import _checks, _cpu
+from ._cpu import HALF_BF16, HALF_F16, MODE_LSE
 
 _LOCK = threading.Lock()
 _SAFE_LAYERS = ("tbb", "omp")
@@ -41,9 +41,18 @@ def launch(kernel, *args) -> None:
         kernel(*args)
 
 
-def _tasks(n_rows: int) -> int:
-    """Parallel tasks for the 16-bit kernels: a few per thread (each reuses one scratch row)."""
-    return min(n_rows, 4 * numba.get_num_threads())
+# Below this many logits, waking the worker threads costs more than the work itself.
+SERIAL_BELOW = 1 << 16
+
+
+def run_rows(kernel, range_fn, n_rows: int, n_cols: int, *args) -> None:
+    """Run ``range_fn(lo, hi, *args)`` over rows ``0:n_rows``: directly for small inputs, else
+    through the parallel ``kernel`` with a few row ranges per thread."""
+    threads = numba.get_num_threads()
+    if n_rows * n_cols < SERIAL_BELOW or n_rows == 1 or threads == 1:
+        range_fn(0, n_rows, *args)
+    else:
+        launch(kernel, min(n_rows, 4 * threads), n_rows, *args)
 
 
 def acc_dtype(dtype: np.dtype) -> type:
@@ -178,13 +187,14 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     loss_rows = np.empty(n_rows, dtype=acc)
     lse = np.empty(n_rows, dtype=acc)
     w_sum = acc(np.sum(w, dtype=np.float64)) if w.size else acc(n_cols)
-    args = (w, w_sum, acc(opts.softcap), acc(opts.label_smoothing), acc(opts.z_loss), scale, g_buf, g_off)
+    common = (x_buf, x_off, n_cols, t, opts.ignore_index, w, w_sum, acc(opts.softcap), acc(opts.label_smoothing))
+    common += (acc(opts.z_loss), scale, g_buf, g_off)
     half = _half_code(logits.dtype)
     if half:
-        launch(xent_rows_16, x_buf, x_off, n_cols, t, opts.ignore_index, *args, half, _tasks(n_rows), loss_rows, lse)
+        run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *common, half, loss_rows, lse)
     else:
         in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)
-        launch(xent_rows, x_buf, x_off, n_cols, t, opts.ignore_index, *args, in_place, loss_rows, lse)
+        run_rows(_cpu.xent_rows, _cpu.xent_range, n_rows, n_cols, *common, in_place, loss_rows, lse)
     if copy_back is not None:
         np.copyto(copy_back, result)
         result = copy_back
@@ -218,11 +228,12 @@ def normalize(logits, mode: int, out, *, stream):
         o_buf, o_off = (x_buf, x_off)
     else:
         result, o_buf, o_off, copy_back = _output(out, logits)
+    common = (x_buf, x_off, n_cols, mode, o_buf, o_off)
     if half:
-        launch(normalize_rows_16, x_buf, x_off, n_cols, mode, o_buf, o_off, half, _tasks(lse.size), lse)
+        run_rows(_cpu.normalize_rows_16, _cpu.normalize_range_16, lse.size, n_cols, *common, half, lse)
     else:
         in_place = mode != MODE_LSE and _address(o_buf) == _address(x_buf) and np.array_equal(o_off, x_off)
-        launch(normalize_rows, x_buf, x_off, n_cols, mode, o_buf, o_off, in_place, lse)
+        run_rows(_cpu.normalize_rows, _cpu.normalize_range, lse.size, n_cols, *common, in_place, lse)
     if mode == MODE_LSE:
         return lse.reshape(logits.shape[:-1])
     if copy_back is not None:

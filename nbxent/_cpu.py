@@ -185,18 +185,19 @@ def narrow_row(src, dst, half):
             dst[j] = f32_to_f16(src[j])
 
 
-@jit_kernel
-def xent_rows(x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, in_place, loss, lse):
-    """Cross-entropy of every row of float32/float64 logits; the gradient too when ``scale``
-    (the per-row gradient factor) is not empty.
+@jit_serial
+def xent_range(
+    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, in_place, loss, lse
+):
+    """Cross-entropy of rows ``lo:hi`` of float32/float64 logits; the gradient too when
+    ``scale`` (the per-row gradient factor) is not empty.
 
     ``w``, ``w_sum``, ``cap``, ``eps``, ``z``, ``scale``, ``loss`` and ``lse`` are in the
     logits' dtype. Ignored rows get loss 0, lse 0 and a zero gradient. ``in_place`` says that
     ``g`` and ``g_off`` address the same memory as ``x`` and ``x_off``.
     """
-    n_rows = targets.size
     want_grad = scale.size > 0
-    for i in numba.prange(n_rows):
+    for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
         gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else xr
         fill = skip_value(targets[i], ignore_index, n_cols)
@@ -210,34 +211,52 @@ def xent_rows(x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, sc
         loss[i], lse[i] = xent_row(xr, gr, in_place, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad)
 
 
-@jit_kernel
-def xent_rows_16(
-    x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, tasks, loss, lse
+@jit_serial
+def xent_range_16(
+    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, loss, lse
 ):
-    """``xent_rows`` for 16-bit logits given as uint16 bits (``half`` says which format),
+    """``xent_range`` for 16-bit logits given as uint16 bits (``half`` says which format),
     accumulating in float32: each row is widened into a scratch row, processed in place
-    there, and the gradient narrowed back into ``g``. Rows are split into ``tasks`` parallel
-    tasks (a few per thread), so each task allocates its scratch row once.
+    there, and the gradient narrowed back into ``g``.
     """
-    n_rows = targets.size
     want_grad = scale.size > 0
+    scratch = np.empty(n_cols, dtype=np.float32)
+    for i in range(lo, hi):
+        fill = skip_value(targets[i], ignore_index, n_cols)
+        if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
+            loss[i] = fill
+            lse[i] = fill
+            if want_grad:
+                scratch[:] = fill
+                narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
+            continue
+        widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
+        row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
+        loss[i], lse[i] = xent_row(scratch, scratch, True, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad)
+        if want_grad:
+            narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
+
+
+# The parallel kernels split rows 0..n_rows into ``tasks`` contiguous ranges (a few per
+# thread, chosen by the caller) and run one ``*_range`` function on each. Each row is done by
+# one thread start to end, so results do not depend on the split; small inputs skip these and
+# call the ``*_range`` function directly, without waking threads.
+
+
+@jit_kernel
+def xent_rows(tasks, n_rows, *args):
+    """``xent_range(lo, hi, *args)`` over all rows, in parallel."""
     per_task = (n_rows + tasks - 1) // max(tasks, 1)
     for task in numba.prange(tasks):
-        scratch = np.empty(n_cols, dtype=np.float32)
-        for i in range(task * per_task, min(n_rows, (task + 1) * per_task)):
-            fill = skip_value(targets[i], ignore_index, n_cols)
-            if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
-                loss[i] = fill
-                lse[i] = fill
-                if want_grad:
-                    scratch[:] = fill
-                    narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
-                continue
-            widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
-            row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
-            loss[i], lse[i] = xent_row(scratch, scratch, True, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad)
-            if want_grad:
-                narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
+        xent_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+
+
+@jit_kernel
+def xent_rows_16(tasks, n_rows, *args):
+    """``xent_range_16(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        xent_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
 
 
 @jit_inline
@@ -269,25 +288,38 @@ def normalize_row(x, out, in_place, mode):
     return m if math.isinf(m) else m + math.log(s)
 
 
-@jit_kernel
-def normalize_rows(x, x_off, n_cols, mode, out, out_off, in_place, lse):
-    """lse of every row into ``lse``; for MODE_SOFTMAX / MODE_LOG_SOFTMAX also rows of ``out``
-    (``in_place``: ``out`` is ``x``)."""
-    for i in numba.prange(lse.size):
+@jit_serial
+def normalize_range(lo, hi, x, x_off, n_cols, mode, out, out_off, in_place, lse):
+    """lse of rows ``lo:hi`` into ``lse``; for MODE_SOFTMAX / MODE_LOG_SOFTMAX also rows of
+    ``out`` (``in_place``: ``out`` is ``x``)."""
+    for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
         outr = out[out_off[i] : out_off[i] + n_cols] if mode != MODE_LSE else xr
         lse[i] = normalize_row(xr, outr, in_place, mode)
 
 
+@jit_serial
+def normalize_range_16(lo, hi, x, x_off, n_cols, mode, out, out_off, half, lse):
+    """``normalize_range`` for 16-bit logits given as uint16 bits, through a float32 scratch row."""
+    scratch = np.empty(n_cols, dtype=np.float32)
+    for i in range(lo, hi):
+        widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
+        lse[i] = normalize_row(scratch, scratch, True, mode)
+        if mode != MODE_LSE:
+            narrow_row(scratch, out[out_off[i] : out_off[i] + n_cols], half)
+
+
 @jit_kernel
-def normalize_rows_16(x, x_off, n_cols, mode, out, out_off, half, tasks, lse):
-    """``normalize_rows`` for 16-bit logits given as uint16 bits, through a float32 scratch row."""
-    n_rows = lse.size
+def normalize_rows(tasks, n_rows, *args):
+    """``normalize_range(lo, hi, *args)`` over all rows, in parallel."""
     per_task = (n_rows + tasks - 1) // max(tasks, 1)
     for task in numba.prange(tasks):
-        scratch = np.empty(n_cols, dtype=np.float32)
-        for i in range(task * per_task, min(n_rows, (task + 1) * per_task)):
-            widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
-            lse[i] = normalize_row(scratch, scratch, True, mode)
-            if mode != MODE_LSE:
-                narrow_row(scratch, out[out_off[i] : out_off[i] + n_cols], half)
+        normalize_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+
+
+@jit_kernel
+def normalize_rows_16(tasks, n_rows, *args):
+    """``normalize_range_16(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        normalize_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
