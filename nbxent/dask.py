@@ -7,7 +7,8 @@ The results equal those of the in-memory functions of :mod:`nbxent`, with the sa
 dtypes and errors. The graph, for logits of row blocks ``i`` and vocabulary blocks ``j``:
 
 1. Vocabulary in one block (only row blocks): each row block runs the in-memory kernel, loss
-   and gradient in one pass; results are bitwise those of the in-memory functions.
+   and gradient in one pass; per-row losses and gradients are bitwise those of the in-memory
+   functions (sums over rows are taken block by block, so they may differ in the last bits).
 2. Vocabulary in several blocks: block ``(i, j)`` gives per-row partial statistics (``STATS``:
    max ``m``, ``s = sum exp(xc - m)``, ``sm = sum w (m - xc)``, the target's logit and weight
    when the target is in the block, the block's weight sum). A tree reduction along the
@@ -21,8 +22,8 @@ dtypes and errors. The graph, for logits of row blocks ``i`` and vocabulary bloc
 
 'mean' divides by the total weight of the non-ignored targets, a lazy scalar computed from
 the targets alone, so no logits block waits for it. A gradient block needs its logits block
-and its row's merged statistics: while a row band's statistics are merged, its logits blocks
-stay in memory (rows per block x V values), which bounds the memory a worker needs.
+and its rows' merged statistics: while a row band's statistics are merged, its logits blocks
+stay in memory (rows per block x V values); choose row chunks so that a few bands fit.
 
 Checks of shapes, dtypes and options run when the graph is built. The check that targets are
 in ``[0, V)`` needs their values: for NumPy targets it runs at graph build, for Dask targets
