@@ -28,6 +28,7 @@ that runs the fused kernel on one chunk, so the CPU (NumPy) and GPU (CuPy) paths
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 from collections.abc import Callable
@@ -78,7 +79,8 @@ def linear_cross_entropy(
     ----------
     hidden : array of shape (..., H)
         float32 or float64; leading axes are flattened into N rows. A NumPy array runs on the
-        CPU; a CuPy array on its GPU (then every array argument must be a CuPy array).
+        CPU; a CuPy array on its GPU (other array arguments are then CuPy arrays, or host
+        arrays that are copied to the GPU).
     weight : array of shape (V, H)
         The output projection (a language-model head's layout), the dtype of ``hidden``.
     targets : integer array of shape (...)
@@ -210,39 +212,101 @@ def linear_cross_entropy_with_grad(
     )
 
 
-def _linear_xent(hidden, weight, targets, bias, chunk_size, class_weight, validate, stream, opts, *, grad, grad_output):
-    """Validate, pick the device, run the chunks, reduce: the body of both public functions."""
-    if is_gpu_array(hidden):
-        xp, backend, host = _gpu_namespace(hidden, weight, targets, bias, class_weight, grad_output)
-    else:
-        _check_all_host(weight, targets, bias, class_weight, grad_output)
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Where a call runs: the array namespace, the backend whose ``xent`` is the fused kernel,
+    a device-to-host copy (for the checks that read values), and the context that makes the
+    matrix products run on the kernels' stream."""
+
+    xp: Any
+    backend: Any
+    to_host: Callable[[Any], np.ndarray]
+    stream_context: Any
+
+
+def _device(hidden, others: dict, stream) -> Device:
+    """The CPU for NumPy inputs, the GPU for CuPy inputs; every array from one of them."""
+    if not is_gpu_array(hidden):
+        if any(a is not None and is_gpu_array(a) for a in others.values()):
+            raise TypeError(
+                "hidden is a NumPy (CPU) array but another argument is a GPU array; pass all arrays from one device"
+            )
         if stream is not None:
             raise ValueError("stream= applies to GPU arrays only; these arrays are NumPy (CPU) arrays")
-        xp, backend, host = np, _backend_cpu, np.asarray
-        hidden, weight, targets = np.asarray(hidden), np.asarray(weight), np.asarray(targets)
-        bias = None if bias is None else np.asarray(bias)
-        class_weight = None if class_weight is None else np.asarray(class_weight)
+        return Device(np, _backend_cpu, np.asarray, contextlib.nullcontext())
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError(
+            f"hidden is a GPU array; the linear functions run on the GPU through CuPy, which is not available ({e})"
+        ) from e
+    for label, array in {"hidden": hidden, **others}.items():
+        if array is not None and is_gpu_array(array) and not isinstance(array, cupy.ndarray):
+            raise TypeError(
+                f"{label} is a {type(array).__module__}.{type(array).__name__}; on the GPU the array arguments "
+                f"must be CuPy arrays: convert with cupy.asarray({label})"
+            )
+    try:
+        from . import _backend_cuda
+    except ImportError as e:
+        raise RuntimeError(
+            f"hidden is a GPU array but CUDA support is not available ({e}); "
+            "install it with: pip install 'nbxent[cuda]'"
+        ) from e
+    return Device(cupy, _backend_cuda, cupy.asnumpy, _cupy_stream(cupy, stream))
+
+
+def _cupy_stream(cupy, stream):
+    """A context making ``stream`` CuPy's current stream, so the matrix products (CuPy) and
+    the fused kernel (which launches on CuPy's current stream) are ordered on it."""
+    if stream is None:
+        return contextlib.nullcontext()
+    if isinstance(stream, cupy.cuda.Stream):
+        return stream
+    handle = stream if isinstance(stream, int) and not isinstance(stream, bool) else None
+    for attribute in ("ptr", "cuda_stream"):  # CuPy, PyTorch
+        if handle is None and isinstance(getattr(stream, attribute, None), int):
+            handle = getattr(stream, attribute)
+    if handle is None:
+        raise TypeError(
+            "stream must be a CuPy stream, a CUDA stream handle (int) or an object with a ptr or "
+            f"cuda_stream attribute (PyTorch); got {type(stream).__name__}"
+        )
+    return cupy.cuda.ExternalStream(handle)
+
+
+def _linear_xent(hidden, weight, targets, bias, chunk_size, class_weight, validate, stream, opts, *, grad, grad_output):
+    """Validate, pick the device, run the chunks, reduce: the body of both public functions."""
+    others = {"weight": weight, "targets": targets, "bias": bias, "class_weight": class_weight}
+    device = _device(hidden, others, stream)
+    with device.stream_context:
+        return _run(device, hidden, weight, targets, bias, chunk_size, class_weight, validate, opts, grad, grad_output)
+
+
+def _run(device: Device, hidden, weight, targets, bias, chunk_size, class_weight, validate, opts, grad, grad_output):
+    xp = device.xp
+    hidden, weight, targets = xp.asarray(hidden), xp.asarray(weight), xp.asarray(targets)
+    bias = None if bias is None else xp.asarray(bias)
     n_hidden, n_classes = _check_head(hidden, weight, bias)
     _checks.check_targets(targets.shape, targets.dtype, hidden.shape[:-1] + (n_classes,))
     chunk = _check_chunk_size(chunk_size)
     dtype = np.dtype(hidden.dtype)
     acc = _backend_cpu.acc_dtype(dtype)
     if class_weight is not None:
+        class_weight = xp.asarray(class_weight)
         try:
             _checks.check_weight(class_weight.shape, class_weight.dtype, n_classes)
         except (TypeError, ValueError) as e:  # the shared message says "weight", the projection here
             raise type(e)(f"class_weight: {e}") from None
         class_weight = xp.ascontiguousarray(class_weight, dtype=acc)
     if validate:
-        _checks.check_target_range(host(targets), n_classes, opts.ignore_index)
-    # The kernels guard the range themselves (a bad target gives a NaN row with validate=False),
-    # so clipping to int64 can never turn into an out-of-bounds read.
-    t = xp.clip(targets.reshape(-1), -(2**63), 2**63 - 1).astype(np.int64)
+        _checks.check_target_range(device.to_host(targets), n_classes, opts.ignore_index)
+    t = _int64_targets(xp, targets.reshape(-1))
     n_rows = int(t.size)
     total_weight = _total_weight(xp, t, class_weight, opts.ignore_index, n_classes)
     scale = None
     if grad:
-        go = host(grad_output)
+        go = device.to_host(grad_output)
         scale = xp.asarray(_backend_cpu._row_scale(go, opts.reduction, targets.shape, n_rows, total_weight, acc))
     # A chunk needs the rows contiguous, and the projection in a layout BLAS reads directly:
     # copy once here rather than once per chunk inside matmul.
@@ -251,22 +315,7 @@ def _linear_xent(hidden, weight, targets, bias, chunk_size, class_weight, valida
         weight = xp.ascontiguousarray(weight)
     if chunk is None:
         chunk = max(1, CHUNK_BYTES // (n_classes * dtype.itemsize))
-    row_opts = dataclasses.replace(opts, reduction="none")
-
-    def fused(logits_c, targets_c, scale_c):
-        loss_c, _ = backend.xent(
-            logits_c,
-            targets_c,
-            class_weight,
-            row_opts,
-            grad=scale_c is not None,
-            grad_output=scale_c,
-            out=None if scale_c is None else logits_c,
-            validate=False,
-            stream=stream,
-        )
-        return loss_c
-
+    fused = fused_chunk(device.backend, class_weight, dataclasses.replace(opts, reduction="none"))
     loss_rows, grads = chunked_linear_xent(xp, fused, hidden2d, weight, bias, t, scale, chunk)
     loss = _reduce(xp, loss_rows, opts.reduction, targets.shape, total_weight, acc)
     if not grad:
@@ -274,6 +323,32 @@ def _linear_xent(hidden, weight, targets, bias, chunk_size, class_weight, valida
     grad_hidden, grad_weight, grad_bias = grads
     result = (loss, grad_hidden.reshape(hidden.shape), grad_weight)
     return result if bias is None else (*result, grad_bias)
+
+
+def fused_chunk(backend, class_weight, row_opts: _checks.Options) -> FusedChunk:
+    """The fused kernel of ``backend`` on one chunk, as ``chunked_linear_xent`` calls it.
+
+    It runs with reduction 'none' and ``grad_output`` = the per-row factor (grad_output,
+    divided by the whole batch's weight sum for 'mean'): each row's gradient is then exactly
+    that row's share of the gradient of the whole batch's loss.
+    """
+
+    def fused(logits_c, targets_c, scale_c):
+        want_grad = scale_c is not None
+        loss_c, _ = backend.xent(
+            logits_c,
+            targets_c,
+            class_weight,
+            row_opts,
+            grad=want_grad,
+            grad_output=scale_c,
+            out=logits_c if want_grad else None,
+            validate=False,
+            stream=None,  # the current stream of the array library (see _cupy_stream)
+        )
+        return loss_c
+
+    return fused
 
 
 def chunked_linear_xent(xp, fused: FusedChunk, hidden2d, weight, bias, targets, scale, chunk: int):
@@ -353,6 +428,14 @@ def _accumulate_matmul(xp, a, b, out, scratch) -> None:
         xp.add(out[row : row + block], part, out=out[row : row + block])
 
 
+def _int64_targets(xp, t):
+    """Targets as int64. Only uint64 can exceed int64: its huge values are clipped (they stay
+    out of range, so an unvalidated one gives a NaN row; the kernels never read out of bounds)."""
+    if t.dtype == np.uint64:
+        t = xp.minimum(t, np.uint64(2**63 - 1))
+    return t.astype(np.int64)
+
+
 def _total_weight(xp, t, class_weight, ignore_index: int, n_classes: int) -> float:
     """The mean's divisor: the number of non-ignored rows, or the sum of their class weights
     (rows whose target is out of range, possible only with validate=False, count as weight 0)."""
@@ -412,35 +495,3 @@ def _check_chunk_size(chunk_size) -> int | None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1 row (or None for the 64 MiB default), got {chunk_size}")
     return int(chunk_size)
-
-
-def _check_all_host(*arrays) -> None:
-    if any(a is not None and is_gpu_array(a) for a in arrays):
-        raise TypeError(
-            "hidden is a NumPy (CPU) array but another argument is a GPU array; pass all arrays from one device"
-        )
-
-
-def _gpu_namespace(hidden, weight, targets, bias, class_weight, grad_output):
-    """``(cupy, the CUDA backend, device-to-host copy)`` for CuPy inputs."""
-    try:
-        import cupy
-    except ImportError as e:
-        raise RuntimeError(
-            f"hidden is a GPU array; the linear functions run on the GPU through CuPy, which is not available ({e})"
-        ) from e
-    arrays = {"hidden": hidden, "weight": weight, "targets": targets, "bias": bias, "class_weight": class_weight}
-    for label, array in arrays.items():
-        if array is not None and not isinstance(array, cupy.ndarray):
-            raise TypeError(
-                f"{label} is a {type(array).__module__}.{type(array).__name__}; on the GPU every array argument "
-                f"must be a CuPy array: convert with cupy.asarray({label})"
-            )
-    try:
-        from . import _backend_cuda
-    except ImportError as e:
-        raise RuntimeError(
-            f"hidden is a GPU array but CUDA support is not available ({e}); "
-            "install it with: pip install 'nbxent[cuda]'"
-        ) from e
-    return cupy, _backend_cuda, cupy.asnumpy
