@@ -1,0 +1,297 @@
+"""CPU benchmarks: nbxent against its peers, its memory use, and its bandwidth.
+
+Every timed case is one point of the grid ``shape x dtype x options x op`` from ``_common``
+(``op`` is "forward" = ``cross_entropy``, "forward+backward" = ``cross_entropy_with_grad``,
+"forward+backward in place" = the same with ``out=logits``), for nbxent and for each peer:
+
+- ``Nbxent.time_nbxent``: nbxent's CPU kernels;
+- ``NumpyReference.time_numpy_reference``: plain vectorized NumPy in float32 (below);
+- ``Torch.time_torch``: PyTorch's ``F.cross_entropy`` (+ autograd), skipped when PyTorch is
+  not installed, and for "in place", which PyTorch has no way to do.
+
+``PeakMemory.peakmem_nbxent`` shows that the in-place gradient allocates nothing of size N x V;
+``Bandwidth.track_*`` report GB/s and the fraction of the copy floor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+import nbxent as nx
+
+from . import _common
+from ._common import DTYPES, OPS, OPTIONS, SHAPES
+
+GRID = [SHAPES, DTYPES, OPTIONS, OPS]
+GRID_NAMES = ["shape", "dtype", "options", "op"]
+
+
+def _is_small(shape: str) -> bool:
+    n_rows, n_cols = _common.parse_shape(shape)
+    return n_rows * n_cols <= 1 << 20
+
+
+def _repeat_for(shape: str, large: tuple) -> tuple:
+    """asv's ``repeat`` (min samples, max samples, max seconds) for one round: many cheap
+    samples for launch-bound shapes, a few for the large ones."""
+    return (10, 200, 1.0) if _is_small(shape) else large
+
+
+def nbxent_call(op: str, logits: np.ndarray, targets: np.ndarray, kwargs: dict):
+    """A no-argument callable that runs the nbxent function named by ``op`` (an ``OPS`` entry)."""
+    if op == "forward":
+        return functools.partial(nx.cross_entropy, logits, targets, **kwargs)
+    if op == "forward+backward":
+        return functools.partial(nx.cross_entropy_with_grad, logits, targets, **kwargs)
+    if op == "forward+backward in place":
+        return functools.partial(nx.cross_entropy_with_grad, logits, targets, out=logits, **kwargs)
+    raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+
+
+class _InPlaceInputs:
+    """Gives each timed call fresh logits when ``op`` writes the gradient over them.
+
+    asv re-runs ``setup`` before every timed call; for "in place" it refills a working copy
+    from the cached pristine logits (untimed), so every call starts from real logits rather
+    than from the previous call's gradient.
+    """
+
+    def _logits_for(self, op: str, pristine: np.ndarray) -> np.ndarray:
+        if op != "forward+backward in place":
+            return pristine
+        work = getattr(self, "_work", None)
+        if work is None or work.shape != pristine.shape or work.dtype != pristine.dtype:
+            work = self._work = np.empty_like(pristine)
+        return work
+
+    def _refill(self, op: str, logits: np.ndarray, pristine: np.ndarray) -> None:
+        if op == "forward+backward in place":
+            np.copyto(logits, pristine)
+
+
+class Nbxent(_InPlaceInputs):
+    """nbxent's CPU kernels over the whole grid."""
+
+    params = GRID
+    param_names = GRID_NAMES
+    timeout = 300
+    warmup_time = 0  # setup's warm-up call takes its place
+
+    def setup(self, shape, dtype, options, op):
+        pristine = _common.cached_logits(shape, dtype)
+        logits = self._logits_for(op, pristine)
+        targets = _common.make_targets(shape)
+        self.call = nbxent_call(op, logits, targets, _common.options(options, pristine.shape[1]))
+        _common.warm_up_once((shape, dtype, options, op), self.call)
+        self._refill(op, logits, pristine)
+        self.repeat = _repeat_for(shape, (3, 5, 10.0))
+
+    def time_nbxent(self, shape, dtype, options, op):
+        self.call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers
+
+
+def numpy_cross_entropy(
+    logits, targets, *, grad=False, out=None, weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None
+):
+    """Mean cross-entropy with PyTorch's semantics (plus ``z_loss`` and ``softcap``), and its
+    gradient when ``grad``, in plain vectorized NumPy float32. A speed baseline, not an oracle
+    (the tests have their own float64 reference); no ``ignore_index``.
+
+    With ``y`` the (soft-capped) logits, ``p = softmax(y)``, ``lse = logsumexp(y)``, ``w_t`` the
+    target's weight, ``W = sum(w_t)`` over rows and ``eps`` the smoothing, a row's loss is
+    ``(1 - eps) w_t (lse - y_t) + eps/V sum_c w_c (lse - y_c) + z w_t lse**2``, divided by
+    ``W``; its gradient with respect to ``y`` is
+    ``(p ((1 - eps) w_t + eps/V sum(w) + 2 z w_t lse) - (1 - eps) w_t onehot(t) - eps/V w) / W``,
+    times ``1 - (y/c)**2`` with respect to the raw logits when soft-capped.
+    """
+    n_rows, n_cols = logits.shape
+    rows = np.arange(n_rows)
+    y = logits.astype(np.float32)  # a copy, also for float32: the logits are never modified here
+    if softcap is not None:
+        np.divide(y, softcap, out=y)
+        np.tanh(y, out=y)
+        np.multiply(y, softcap, out=y)
+    row_max = y.max(axis=1)
+    e = np.subtract(y, row_max[:, None])
+    np.exp(e, out=e)
+    total = e.sum(axis=1)
+    lse = row_max + np.log(total)
+    w_t = np.ones(n_rows, np.float32) if weight is None else weight[targets]
+    w_sum = np.float32(n_cols) if weight is None else weight.sum(dtype=np.float32)
+    big_w = w_t.sum(dtype=np.float64)
+    loss_rows = (1 - label_smoothing) * w_t * (lse - y[rows, targets])
+    if label_smoothing:
+        w_y = y.sum(axis=1) if weight is None else y @ weight
+        loss_rows += label_smoothing / n_cols * (w_sum * lse - w_y)
+    if z_loss:
+        loss_rows += z_loss * w_t * lse**2
+    loss = np.float32(loss_rows.sum(dtype=np.float64) / big_w)
+    if not grad:
+        return loss
+    coef = ((1 - label_smoothing) * w_t + label_smoothing / n_cols * w_sum + 2 * z_loss * w_t * lse) / total
+    g = np.multiply(e, (coef / big_w).astype(np.float32)[:, None], out=e)
+    g[rows, targets] -= ((1 - label_smoothing) * w_t / big_w).astype(np.float32)
+    if label_smoothing:
+        g -= np.float32(label_smoothing / n_cols / big_w) * (1 if weight is None else weight)
+    if softcap is not None:
+        np.square(y / np.float32(softcap), out=y)
+        np.subtract(1, y, out=y)
+        g *= y
+    if out is None:
+        return loss, g.astype(logits.dtype, copy=False)
+    np.copyto(out, g, casting="unsafe")
+    return loss, out
+
+
+class NumpyReference(_InPlaceInputs):
+    """The NumPy baseline over the whole grid ("in place" writes the gradient into the logits,
+    after NumPy's temporaries). Nothing to compile: no warm-up call."""
+
+    params = GRID
+    param_names = GRID_NAMES
+    timeout = 300
+    rounds = 1
+    warmup_time = 0
+
+    def setup(self, shape, dtype, options, op):
+        pristine = _common.cached_logits(shape, dtype)
+        logits = self._logits_for(op, pristine)
+        targets = _common.make_targets(shape)
+        kwargs = _common.options(options, pristine.shape[1])
+        if op != "forward":
+            kwargs["grad"] = True
+        if op == "forward+backward in place":
+            kwargs["out"] = logits
+        self.call = functools.partial(numpy_cross_entropy, logits, targets, **kwargs)
+        self._refill(op, logits, pristine)
+        self.repeat = _repeat_for(shape, (1, 3, 10.0))
+
+    def time_numpy_reference(self, shape, dtype, options, op):
+        self.call()
+
+
+def torch_cross_entropy(torch, logits, targets, *, weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """PyTorch's mean ``F.cross_entropy``, with ``softcap`` and ``z_loss`` composed from
+    ``torch.tanh`` and ``torch.logsumexp`` as a PyTorch user would write them."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = torch.nn.functional.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)
+    if z_loss:
+        lse_sq = torch.logsumexp(logits.float(), dim=-1) ** 2
+        if weight is None:
+            loss = loss + z_loss * lse_sq.mean()
+        else:
+            w_t = weight[targets].float()
+            loss = loss + z_loss * (w_t * lse_sq).sum() / w_t.sum()
+    return loss
+
+
+class Torch:
+    """PyTorch on the CPU with Numba's thread count, skipped when it is not installed. It has
+    no in-place gradient, so "forward+backward in place" is skipped too."""
+
+    params = GRID
+    param_names = GRID_NAMES
+    timeout = 300
+    rounds = 1
+    warmup_time = 0  # setup's warm-up call takes its place
+
+    def setup(self, shape, dtype, options, op):
+        if op == "forward+backward in place":
+            raise NotImplementedError("PyTorch computes no gradient in place")
+        torch = _common.import_torch()
+        pristine = _common.cached_logits(shape, dtype)
+        x = _common.to_torch(pristine, torch)
+        targets = torch.from_numpy(_common.make_targets(shape))
+        kwargs = _common.options(options, pristine.shape[1])
+        if "weight" in kwargs:
+            kwargs["weight"] = torch.from_numpy(kwargs["weight"]).to(x.dtype)
+        if op == "forward":
+            self.call = functools.partial(torch_cross_entropy, torch, x, targets, **kwargs)
+        else:
+            x = x.detach().requires_grad_()
+
+            def forward_backward():
+                x.grad = None
+                torch_cross_entropy(torch, x, targets, **kwargs).backward()
+
+            self.call = forward_backward
+        _common.warm_up_once((shape, dtype, options, op), self.call)
+        self.repeat = _repeat_for(shape, (1, 3, 10.0))
+
+    def time_torch(self, shape, dtype, options, op):
+        self.call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and bandwidth
+
+
+class PeakMemory:
+    """Peak resident memory of a process that makes the inputs and runs one call.
+
+    asv's ``peakmem_`` is the whole process's maximum RSS: the interpreter and libraries, the
+    logits (N x V x itemsize), then whatever the call allocates. Read it against "forward",
+    which allocates nothing of size N x V: "forward+backward" is about one N x V array above
+    it (the new gradient), "forward+backward in place" about level with it. The launch-bound
+    shape shows only the baseline.
+    """
+
+    params = [SHAPES, DTYPES, OPS]
+    param_names = ["shape", "dtype", "op"]
+    timeout = 300
+
+    def setup(self, shape, dtype, op):
+        self.logits = _common.make_logits(shape, dtype)  # the only N x V array before the call
+        self.targets = _common.make_targets(shape)
+        # Compile on two rows: the kernels' types do not depend on the size, and a full-size
+        # warm-up of "forward+backward" would itself leave its N x V peak behind.
+        small = self.logits[:2].copy()
+        _common.warm_up_once((dtype, op), nbxent_call(op, small, self.targets[:2], {}))
+        self.call = nbxent_call(op, self.logits, self.targets, {})
+
+    def peakmem_nbxent(self, shape, dtype, op):
+        self.call()
+
+
+class Bandwidth(_InPlaceInputs):
+    """nbxent's achieved memory bandwidth, and how close it comes to the copy floor.
+
+    Bytes counted: "forward" reads the logits once (N x V x itemsize); "forward+backward in
+    place" reads them and writes the gradient over them (twice that). The floor is
+    ``np.copyto`` of the same logits, timed in the same setup (reading and writing N x V x
+    itemsize). The fraction is nbxent's bytes per second over the copy's; 1 means as fast as
+    a copy, and "forward" can exceed it since a pure read avoids the copy's write traffic.
+    """
+
+    params = [SHAPES, DTYPES, ["forward", "forward+backward in place"]]
+    param_names = ["shape", "dtype", "op"]
+    timeout = 300
+
+    def setup(self, shape, dtype, op):
+        pristine = _common.cached_logits(shape, dtype)
+        logits = self._logits_for(op, pristine)
+        call = nbxent_call(op, logits, _common.make_targets(shape), {})
+        call()  # warm-up: compiles, and faults in every page
+        repeats = 51 if _is_small(shape) else 5
+        seconds = _common.median_seconds(call, repeats, before=lambda: self._refill(op, logits, pristine))
+        copy_seconds = _common.copy_floor_seconds(pristine, repeats)
+        moved = pristine.nbytes * (1 if op == "forward" else 2)
+        self.gbps = moved / seconds / 1e9
+        self.copy_gbps = 2 * pristine.nbytes / copy_seconds / 1e9
+
+    def track_gbps(self, shape, dtype, op):
+        return self.gbps
+
+    track_gbps.unit = "GB/s"
+
+    def track_fraction_of_copy_floor(self, shape, dtype, op):
+        return self.gbps / self.copy_gbps
+
+    track_fraction_of_copy_floor.unit = "x copy GB/s"
