@@ -20,8 +20,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._cpu import row_stats, skip_value
-from ._jit import as_dtype_of, fast_exp, fast_tanh, jit_kernel, jit_serial
+from ._cpu import row_stats, skip_value, write_grad
+from ._jit import as_dtype_of, fast_tanh, jit_kernel, jit_serial
 
 
 @jit_kernel
@@ -57,7 +57,7 @@ def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, w
         if 0 <= j < n_cols:
             v = xr[j]
             if cap > zero:
-                v = cap * fast_tanh(v / cap)
+                v = cap * fast_tanh(v * (one / cap))
             xt[i] = v
             wt[i] = w[j] if has_w else one
         else:
@@ -66,43 +66,36 @@ def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, w
 
 
 @jit_serial
-def grad_row(x, g, jt, w, cap, lse, a, b, c):
+def grad_row(x, g, jt, w, cap, m, a, b, c):
     """The gradient of one row's block (see ``_cpu.xent_row`` for its derivation):
 
-        g_j = [a exp(xc_j - lse) - b w_j - c [j == jt]] * (1 - (xc_j / cap)^2)
+        g_j = [a exp(xc_j - m) - b w_j - c [j == jt]] * (1 - (xc_j / cap)^2)
 
-    with ``a = scale ((1 - eps) w_t + eps W / V + 2 z w_t lse)``, ``b = scale eps / V`` and
+    with ``m`` the row's max and ``s`` its sum over the whole row (merged from every block),
+    ``a = scale ((1 - eps) w_t + eps W / V + 2 z w_t lse) / s``, ``b = scale eps / V`` and
     ``c = scale (1 - eps) w_t`` computed once per row by the caller, and ``jt`` the target's
-    column in the block (outside ``[0, n_cols)`` when it lies in another block).
+    column in the block (outside ``[0, n_cols)`` when it lies in another block). As in memory,
+    ``exp(xc_j - m) / s`` rather than ``exp(xc_j - lse)``: ``xc_j - m`` is exact, while ``lse``
+    rounded at a large offset would cost the softmax digits.
     """
     zero = as_dtype_of(x, 0)
     one = as_dtype_of(x, 1)
-    capped = cap > zero
-    inv_cap = one / cap if capped else zero
-    has_w = w.size > 0
-    # 1. The softmax and smoothing terms, one sweep that writes each entry once.
-    for j in range(x.size):
-        v = x[j]
-        if capped:
-            v = cap * fast_tanh(v * inv_cap)
-        gj = a * fast_exp(v - lse) - (b * w[j] if has_w else b)
-        if capped:
-            r = v * inv_cap
-            gj *= one - r * r
-        g[j] = gj
+    # 1. The softmax and smoothing terms, the sweep of the in-memory kernel.
+    write_grad(x, g, m, a, b, w, cap)
     # 2. The target's own term, when the target is in this block.
     if 0 <= jt < x.size:
         d_t = one
-        if capped:
-            r = cap * fast_tanh(x[jt] / cap) * inv_cap
+        if cap > zero:
+            inv_cap = one / cap
+            r = cap * fast_tanh(x[jt] * inv_cap) * inv_cap
             d_t = one - r * r
         g[jt] -= c * d_t
 
 
 @jit_kernel
-def chunk_grad(x, x_off, n_cols, col0, n_classes, targets, ignore_index, w, cap, lse, a, b, c, g):
+def chunk_grad(x, x_off, n_cols, col0, n_classes, targets, ignore_index, w, cap, m, a, b, c, g):
     """Gradient of one vocabulary block into ``g`` (C-contiguous, rows x n_cols), given per-row
-    ``lse`` of the whole row and the per-row factors ``a``, ``b``, ``c`` of ``grad_row``.
+    max ``m`` of the whole row and the per-row factors ``a``, ``b``, ``c`` of ``grad_row``.
 
     Ignored rows get 0 and rows whose target is outside ``[0, n_classes)`` get NaN, as the
     in-memory kernels give.
@@ -113,4 +106,4 @@ def chunk_grad(x, x_off, n_cols, col0, n_classes, targets, ignore_index, w, cap,
             g[i, :] = fill
             continue
         xr = x[x_off[i] : x_off[i] + n_cols]
-        grad_row(xr, g[i], targets[i] - col0, w, cap, lse[i], a[i], b[i], c[i])
+        grad_row(xr, g[i], targets[i] - col0, w, cap, m[i], a[i], b[i], c[i])

@@ -223,10 +223,10 @@ def _grad_block(x, t, st, scale, w, *, opts, n_classes, block_info=None):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lse = st["m"] + np.log(st["s"])
         wt = st["wt"]
-        a = scale * ((1.0 - eps) * wt + eps * st["wc"] / n_classes + 2.0 * z * wt * lse)
+        a = scale * ((1.0 - eps) * wt + eps * st["wc"] / n_classes + 2.0 * z * wt * lse) / st["s"]
         b = scale * eps / n_classes
         c = scale * (1.0 - eps) * wt
-    factors = (lse.astype(acc), a.astype(acc), b.astype(acc), c.astype(acc))
+    factors = (st["m"].astype(acc), a.astype(acc), b.astype(acc), c.astype(acc))
     wv = np.empty(0, acc) if w is None else np.ascontiguousarray(w.reshape(-1), dtype=acc)
     g = np.empty((off.size, n_cols), acc)
     col0 = _col0(block_info)

@@ -265,6 +265,17 @@ def test_infinite_logits():
     np.testing.assert_allclose(loss, memory, rtol=1e-6)
 
 
+@pytest.mark.parametrize("offset", [1e4, -1e5])
+def test_large_common_offset(offset):
+    """A common offset does not cancel digits in the merge or the gradient."""
+    rng = np.random.default_rng(17)
+    logits, targets = make_case(rng)
+    logits += np.float32(offset)
+    for chunking in ("rows", "rows x vocab", "one row x vocab"):
+        dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
+        compare(logits, targets, dlogits, label_smoothing=0.1, z_loss=1e-9, reduction="none")
+
+
 @pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
 def test_all_ignored_mean_is_nan(chunking):
     logits = np.zeros((N, V), dtype=np.float32)
