@@ -1,0 +1,82 @@
+"""Every CUDA kernel variant compiles to PTX for sm_80 (A100) and sm_90 (H100/H200), no GPU
+needed, and the PTX has the properties the speed design relies on.
+
+Runs with the real ``numba.cuda`` (not the simulator) and NVVM from the CUDA toolkit wheels
+that ``numba-cuda[cu12]`` installs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("PTX needs the real numba.cuda, not the simulator", allow_module_level=True)
+cuda = pytest.importorskip("numba.cuda")
+
+from nbxent import _cuda  # noqa: E402
+
+CCS = [(8, 0), (9, 0)]
+FORMATS = {"float16": _cuda.FMT_F16, "bfloat16": _cuda.FMT_BF16, "float32": _cuda.FMT_F32, "float64": _cuda.FMT_F64}
+JOBS = {"loss": _cuda.JOB_LOSS, "grad": _cuda.JOB_GRAD}
+
+
+def variants():
+    """(id, func, sig, fmt, job) of every kernel the backend can launch."""
+    threads, unroll = _cuda.THREADS, _cuda.UNROLL
+    for fmt_name, fmt in FORMATS.items():
+        for tgt in (32, 64):
+            for job_name, job in JOBS.items():
+                for name in ("rows", "chunks"):
+                    func, sig = _cuda.kernel_sources(fmt, job, tgt, threads, unroll)[name]
+                    yield f"{name}-{fmt_name}-{job_name}-int{tgt}", func, sig, fmt, job
+            func, sig = _cuda.kernel_sources(fmt, _cuda.JOB_LOSS, tgt, threads, unroll)["chunk_stats"]
+            yield f"chunk_stats-{fmt_name}-int{tgt}", func, sig, fmt, _cuda.JOB_LOSS
+        for name, (func, sig) in _cuda.kernel_sources(fmt, _cuda.JOB_NORM, 64, threads, unroll).items():
+            yield f"{name}-{fmt_name}-normalize", func, sig, fmt, _cuda.JOB_NORM
+    for tgt in (32, 64):
+        for acc in (32, 64):
+            func, sig = _cuda.reduce_source(tgt, acc, threads)
+            yield f"reduce-int{tgt}-float{acc}", func, sig, None, None
+
+
+VARIANTS = list(variants())
+F64_ARITHMETIC = re.compile(r"^\s*(add|sub|mul|div|fma|min|max|neg|abs|setp\.\w+)(\.\w+)*\.f64\b", re.MULTILINE)
+
+
+@pytest.fixture(params=CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def cc(request, monkeypatch):
+    # Device functions are compiled for the current device's compute capability, which
+    # needs a GPU; without one, say it is the one being compiled for.
+    import numba.cuda.dispatcher
+
+    monkeypatch.setattr(
+        numba.cuda.dispatcher, "get_current_device", lambda: SimpleNamespace(compute_capability=request.param)
+    )
+    return request.param
+
+
+@pytest.mark.parametrize(("func", "sig", "fmt", "job"), [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
+def test_kernel_compiles_to_ptx(func, sig, fmt, job, cc):
+    ptx, _ = cuda.compile_ptx(func, sig, cc=cc, **_cuda.jit_options(_cuda.THREADS))
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
+    assert ptx.count(".entry") == 1
+    assert f".maxntid {_cuda.THREADS}, 1, 1" in ptx  # the launch bound reached ptxas
+    # The per-thread word and value buffers are unrolled into registers.
+    assert not re.search(r"\b(ld|st)\.local\b", ptx)
+    if fmt is None:  # reduce_rows: float64 sums by design
+        return
+    writes = job in (_cuda.JOB_GRAD, _cuda.JOB_NORM) and func.__name__ != "chunk_stats"
+    if func.__name__ != "chunks" or writes:  # the loss-only combine reads no logits
+        assert re.search(r"\bld\.global(?:\.\w+)*\.(?:u|b|f)64\b", ptx), "logits are read as 64-bit words"
+    if fmt != _cuda.FMT_F64:
+        # float32 arithmetic throughout (float64 only in argument conversions).
+        assert not F64_ARITHMETIC.search(ptx), F64_ARITHMETIC.search(ptx).group(0)
+        if _cuda._HAS_EXP2:
+            assert "ex2.approx" in ptx
+    if writes:
+        assert re.search(r"\bst\.global\.cs\.b64\b", ptx), "whole gradient words are streaming stores"
+        assert re.search(r"\bld\.global\.cs\.b64\b", ptx), "the second pass marks its loads last-use"
