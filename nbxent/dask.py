@@ -119,7 +119,10 @@ def _divide_block(total, total_weight, *, acc):
 
 def _one_block_xent(x, t, scale, w, *, opts, want_grad):
     """Vocabulary in one block: the in-memory path on a block of rows, reduction 'none'.
-    Returns the rows' losses, or the pair ``(losses, grad)`` when ``want_grad``."""
+    Returns the rows' losses (shape (..., 1)), or the pair ``(losses, grad)`` when ``want_grad``.
+
+    The losses keep a vocabulary axis of length 1: a map that dropped the axis would make Dask
+    "concatenate" the block's one vocabulary block, a copy of the whole logits block."""
     loss, grad = _backend_cpu.xent(
         x,
         t[..., 0],
@@ -131,11 +134,12 @@ def _one_block_xent(x, t, scale, w, *, opts, want_grad):
         validate=False,
         stream=None,
     )
-    return (loss, grad) if want_grad else loss
+    return (loss[..., None], grad) if want_grad else loss[..., None]
 
 
 def _one_block_lse(x):
-    return _backend_cpu.normalize(x, MODE_LSE, None, stream=None)
+    """Vocabulary in one block: the in-memory lse, shape (..., 1) (see ``_one_block_xent``)."""
+    return _backend_cpu.normalize(x, MODE_LSE, None, stream=None)[..., None]
 
 
 def _first(pair):
@@ -385,17 +389,15 @@ def _xent(logits, targets, weight, opts, *, grad, grad_output, validate, split_e
             p.w_full,
             opts=block_opts,
             want_grad=grad,
-            drop_axis=lead,
-            meta=np.empty((0,) * lead, object) if grad else rows_meta,
+            chunks=(*x.chunks[:-1], (1,)),
+            meta=np.empty((0,) * x.ndim, object if grad else p.acc),
             token="nbxent-xent",
         )
         if not grad:
-            return p.loss(out, total_weight), None
+            return p.loss(out[..., 0], total_weight), None
         # One task per row block computes both: a (loss, grad) pair, then one array of each.
-        loss_rows = out.map_blocks(_first, meta=rows_meta, token="nbxent-loss")
-        grad_x = out.map_blocks(
-            _second, new_axis=lead, chunks=x.chunks, meta=np.empty((0,) * x.ndim, x.dtype), token="nbxent-grad"
-        )
+        loss_rows = out.map_blocks(_first, meta=np.empty((0,) * x.ndim, p.acc), token="nbxent-loss")[..., 0]
+        grad_x = out.map_blocks(_second, chunks=x.chunks, meta=np.empty((0,) * x.ndim, x.dtype), token="nbxent-grad")
     else:
         st = _stats(x, _per_row(t), p.w_cols, opts.softcap, opts.label_smoothing > 0.0, split_every)
         loss_rows = da.map_blocks(
@@ -578,7 +580,9 @@ def logsumexp(logits: Any, *, split_every: int | None = None) -> da.Array:
     acc = acc_dtype(x.dtype)
     rows_meta = np.empty((0,) * (x.ndim - 1), acc)
     if len(x.chunks[-1]) == 1:
-        lse = x.map_blocks(_one_block_lse, drop_axis=x.ndim - 1, meta=rows_meta, token="nbxent-lse")
+        lse = x.map_blocks(
+            _one_block_lse, chunks=(*x.chunks[:-1], (1,)), meta=np.empty((0,) * x.ndim, acc), token="nbxent-lse"
+        )[..., 0]
     else:
         st = _stats(x, None, None, 0.0, False, split_every)
         lse = st[..., 0].map_blocks(_lse_block, acc=acc, meta=rows_meta, token="nbxent-lse")
