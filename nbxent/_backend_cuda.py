@@ -359,11 +359,11 @@ _COMPILED: dict[tuple, Any] = {}
 
 def _kernel(name: str, fmt: int, job: int, tgt_bits: int):
     """A compiled kernel, compiled on first use for its explicit signature and kept."""
-    key = (name, fmt, job, tgt_bits, _cuda.THREADS, _cuda.UNROLL)
+    key = (name, fmt, job, tgt_bits, _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM)
     kernel = _COMPILED.get(key)
     if kernel is None:
         func, sig = _cuda.kernel_sources(fmt, job, tgt_bits, _cuda.THREADS, _cuda.UNROLL)[name]
-        kernel = _COMPILED[key] = cuda.jit(sig, **_cuda.jit_options(_cuda.THREADS))(func)
+        kernel = _COMPILED[key] = cuda.jit(sig, **_cuda.jit_options(_cuda.THREADS, _cuda.BLOCKS_PER_SM))(func)
     return kernel
 
 
@@ -372,7 +372,7 @@ def _reduce_kernel(tgt_bits: int, acc_bits: int):
     kernel = _COMPILED.get(key)
     if kernel is None:
         func, sig = _cuda.reduce_source(tgt_bits, acc_bits, _cuda.THREADS)
-        kernel = _COMPILED[key] = cuda.jit(sig, **_cuda.jit_options(_cuda.THREADS))(func)
+        kernel = _COMPILED[key] = cuda.jit(sig, **_cuda.jit_options(_cuda.THREADS, 1))(func)
     return kernel
 
 
@@ -478,7 +478,14 @@ def _device_operand(value, x: _Array, stream, name: str) -> tuple[_Array | None,
     return arr, None
 
 
-def _output(out, x: _Array, x_span: int, stream) -> tuple[_Array, Any, _Array | None]:
+def _byte_range(arr: _Array) -> tuple[int, int]:
+    """``[first, past the last)`` byte addresses an array's elements occupy."""
+    low = arr.ptr + sum((n - 1) * s for n, s in zip(arr.shape, arr.strides, strict=True) if s < 0)
+    high = arr.ptr + sum((n - 1) * s for n, s in zip(arr.shape, arr.strides, strict=True) if s > 0)
+    return low, high + arr.dtype.itemsize
+
+
+def _output(out, x: _Array, stream) -> tuple[_Array, Any, _Array | None]:
     """Where an N x V result goes: ``(array written by the kernels, returned object,
     array to copy into afterwards or None)``."""
     if out is None:
@@ -494,13 +501,10 @@ def _output(out, x: _Array, x_span: int, stream) -> tuple[_Array, Any, _Array | 
     if o.device is not None and x.device is not None and o.device != x.device:
         raise ValueError(f"out is on GPU {o.device} but the logits are on GPU {x.device}")
     same = o.ptr == x.ptr and o.strides == x.strides
-    o_layout = row_layout(o)
-    o_span = o_layout[3] if o_layout else sum((n - 1) * s for n, s in zip(o.shape, o.strides, strict=True)) // 1
-    item = x.dtype.itemsize
-    x_end, o_end = x.ptr + x_span * item, o.ptr + o_span * item
-    if not same and x.size and o.ptr < x_end and x.ptr < o_end:
+    (x_lo, x_hi), (o_lo, o_hi) = _byte_range(x), _byte_range(o)
+    if not same and x.size and o_lo < x_hi and x_lo < o_hi:
         raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
-    if o_layout is None:
+    if row_layout(o) is None:
         if o.kind not in ("torch", "cupy"):
             raise ValueError(
                 "out has a layout the kernels cannot write (more than two leading strides); pass a contiguous array"
@@ -603,7 +607,7 @@ def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, va
     # 4. Layouts, and where the gradient goes.
     x, (n1, xs0, xs1, x_span) = _with_layout(x, s, "logits")
     if grad:
-        g, g_result, copy_into = _output(out, x, x_span, s)
+        g, g_result, copy_into = _output(out, x, s)
         g_layout = row_layout(g)
     else:
         g, g_result, copy_into, g_layout = x, None, None, (n1, xs0, xs1, x_span)
@@ -615,8 +619,10 @@ def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, va
     go_arg = _addr(go_arr, acc)
     red = _REDUCTION_CODE[opts.reduction]
     reduce_k = _reduce_kernel(tgt_bits, 64 if acc is np.float64 else 32)
-    stats = _empty(kind, dev, (4,), np.float64, s)
-    stats_arg = _addr(stats)
+    # 32 bytes of device scalars (see F_*), only when a reduction or a check needs them.
+    needs_stats = validate or red == _cuda.RED_MEAN or (n_w and opts.label_smoothing > 0)
+    stats = _empty(kind, dev, (4,), np.float64, s) if needs_stats else None
+    stats_arg = _addr(stats, np.float64)
 
     def reduce(flags: int, loss_arr: _Array | None, result: _Array | None) -> None:
         args = (t_arg, w_arg, go_arg, _addr(loss_arr, acc), stats_arg, _addr(result, acc))
@@ -683,7 +689,7 @@ def normalize(logits, mode: int, out, *, stream):
         if mode == MODE_LSE:
             g, result, copy_into, g_layout = x, None, None, (n1, xs0, xs1, x_span)
         else:
-            g, result, copy_into = _output(out, x, x_span, s)
+            g, result, copy_into = _output(out, x, s)
             g_layout = row_layout(g)
         lse = _empty(kind, dev, lead, acc, s)
         x_arg, x0 = _words(x, x_span)

@@ -87,15 +87,19 @@ F_WSUM = 32  # stats[3] = sum of the class weights (label smoothing with weights
 PART = 5
 
 
-def jit_options(threads: int) -> dict:
-    """Options for ``cuda.jit`` / ``cuda.compile_ptx`` of a kernel run with ``threads``.
+def jit_options(threads: int, blocks_per_sm: int) -> dict:
+    """Options for ``cuda.jit`` / ``cuda.compile_ptx`` of a kernel run with ``threads`` per
+    block and meant to keep ``blocks_per_sm`` blocks resident per SM.
 
     No fast-math: no flush-to-zero (the float16 conversion needs float32 subnormals) and
-    IEEE division; the fast exp is chosen explicitly below. The launch bound lets ptxas
-    plan registers for the block size actually launched, so a launch never fails for want
-    of registers.
+    IEEE division; the fast exp is chosen explicitly below. The launch bounds make ptxas
+    fit the registers to the occupancy the launch geometry assumes (64 per thread for two
+    blocks of 512): a kernel that used more would silently run fewer blocks per SM, with
+    fewer loads in flight, and a block size it was not built for would fail to launch.
     """
-    return {"fastmath": False} if SIMULATOR else {"fastmath": False, "launch_bounds": threads}
+    if SIMULATOR:
+        return {"fastmath": False}
+    return {"fastmath": False, "launch_bounds": (threads, blocks_per_sm)}
 
 
 _LOG2E = 1.4426950408889634

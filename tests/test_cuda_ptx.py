@@ -61,10 +61,12 @@ def cc(request, monkeypatch):
 
 @pytest.mark.parametrize(("func", "sig", "fmt", "job"), [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
 def test_kernel_compiles_to_ptx(func, sig, fmt, job, cc):
-    ptx, _ = cuda.compile_ptx(func, sig, cc=cc, **_cuda.jit_options(_cuda.THREADS))
+    blocks = 1 if fmt is None else _cuda.BLOCKS_PER_SM
+    ptx, _ = cuda.compile_ptx(func, sig, cc=cc, **_cuda.jit_options(_cuda.THREADS, blocks))
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     assert ptx.count(".entry") == 1
-    assert f".maxntid {_cuda.THREADS}, 1, 1" in ptx  # the launch bound reached ptxas
+    # The launch bounds reached ptxas: it fits registers to the intended occupancy.
+    assert f".maxntid {_cuda.THREADS}, 1, 1" in ptx and f".minnctapersm {blocks}" in ptx
     # The per-thread word and value buffers are unrolled into registers.
     assert not re.search(r"\b(ld|st)\.local\b", ptx)
     if fmt is None:  # reduce_rows: float64 sums by design

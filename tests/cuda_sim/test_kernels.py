@@ -373,3 +373,20 @@ def test_any_alignment_and_row_stride(dtype, n_rows, n_cols, offset, gap, split)
         np.ones((n_rows, n_cols), bool), ((0, 0), (0, gap))
     ).reshape(-1)
     np.testing.assert_array_equal(after[untouched].astype(np.float64), buf[untouched].astype(np.float64))
+
+
+def test_dlpack_capsules_are_read_exactly():
+    """The DLPack reader (used for CUDA producers without ``__cuda_array_interface__``, such
+    as JAX), checked on CPU capsules: address, shape, byte strides, dtype, device type."""
+    base = np.arange(6 * 10, dtype=np.float32).reshape(6, 10)
+    for view in (base, base[1:, 2:7], base[::2]):
+        arr, device_type = _backend_cuda.dlpack_array(view.__dlpack__())
+        assert device_type == 1  # kDLCPU
+        assert arr.ptr == view.__array_interface__["data"][0]
+        assert (arr.shape, arr.strides, arr.dtype) == (view.shape, view.strides, view.dtype)
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4, 6, dtype=torch.bfloat16)[:, 1:]
+    arr, _ = _backend_cuda.dlpack_array(t.__dlpack__())
+    assert arr.dtype == np.dtype(ml_dtypes.bfloat16) and arr.ptr == t.data_ptr()
+    assert arr.shape == (4, 5) and arr.strides == (12, 2)
+    assert _backend_cuda.as_array(t) is None  # a CPU tensor is host data
