@@ -408,8 +408,8 @@ def test_dask_target_out_of_range_raises_at_compute(chunking):
 @pytest.fixture(scope="module")
 def client():
     distributed = pytest.importorskip("distributed")
-    # Workers run one task each; Numba's threads inside a task are capped so the two
-    # processes do not oversubscribe the machine.
+    # One task at a time per worker; nbxent.dask runs each block's kernel on the task's
+    # thread, so the workers need no Numba thread pool.
     env = {"NUMBA_NUM_THREADS": "1"}
     with (
         distributed.LocalCluster(
