@@ -311,7 +311,7 @@ def _stats(x: da.Array, t, w, cap: float, smooth: bool, split_every: int | None)
 
 class _Problem:
     """The validated inputs of a loss as Dask arrays aligned with the logits ``x`` (..., V):
-    ``t`` int64 targets (..., 1) with the leading chunks of ``x``; ``w_cols`` the weights,
+    ``t`` int64 targets (...) with the leading chunks of ``x``; ``w_cols`` the weights,
     shape (1, ..., 1, V), chunked like the vocabulary of ``x``, and ``w_full`` the same in one
     chunk (both None without weights). 1-D logits get a leading axis of length 1."""
 

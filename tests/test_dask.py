@@ -20,6 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import nbxent as nx  # noqa: E402
 import nbxent.dask as nxd  # noqa: E402
+from tests import reference as ref  # noqa: E402
 
 N, V = 23, 37
 # Row chunks x vocabulary chunks; "one vocab block" cases must match the in-memory path bitwise.
@@ -154,6 +155,19 @@ def test_dtypes(dtype, chunking):
     compare(logits, targets, dlogits, label_smoothing=0.1, softcap=4.0, weight=rng.uniform(0.5, 1.5, V))
     lse = nxd.logsumexp(dlogits).compute()
     assert_matches(lse, nx.logsumexp(logits), dtype, one_vocab_block(dlogits))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float64_against_reference(reduction):
+    """The multi-block path against the plain float64 reference, not only the in-memory path."""
+    rng = np.random.default_rng(18)
+    logits, targets = make_case(rng, np.float64)
+    opts = resolve(OPTION_SETS["everything"], rng)
+    dlogits = da.from_array(logits, chunks=CHUNKINGS["many vocab blocks"])
+    loss, grad = dask.compute(*nxd.cross_entropy_with_grad(dlogits, targets, reduction=reduction, **opts))
+    ref_loss, ref_grad = ref.cross_entropy(logits, targets, reduction=reduction, **opts)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-13)
 
 
 def test_merge_tree_has_combine_steps():
