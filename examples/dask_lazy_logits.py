@@ -138,7 +138,7 @@ def main() -> None:
         print(f"dask, {logits_gib:.2f} GiB of logits: loss {loss:.6f}, |dL/dh| {norm:.6e}, {seconds:.2f} s")
         print(
             f"  peak worker memory: {', '.join(f'{v / MIB:.0f}' for v in peaks.values())} MiB; together "
-            f"{sum(peaks.values()) / 2**30:.2f} GiB, {big[2].nbytes / sum(peaks.values()):.1f}x less than the logits"
+            f"{sum(peaks.values()) / 2**30:.2f} GiB for {logits_gib:.2f} GiB of logits"
         )
 
         (s_loss, s_norm), s_seconds, s_peaks = run_on_cluster(client, lazy_objective(*small))
