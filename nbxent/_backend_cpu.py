@@ -225,7 +225,8 @@ def normalize(logits, mode: int, out, *, stream):
     x_buf, x_off = _rows_of(logits)
     if mode == MODE_LSE:
         result, copy_back = None, None
-        o_buf, o_off = (x_buf, x_off)
+        # nothing is written: an empty stand-in (x_buf may be read-only)
+        o_buf, o_off = np.empty(0, dtype=x_buf.dtype), np.empty(0, np.int64)
     else:
         result, o_buf, o_off, copy_back = _output(out, logits)
     common = (x_buf, x_off, n_cols, mode, o_buf, o_off)

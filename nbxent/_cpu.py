@@ -116,7 +116,7 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad):
     a = scale * ((one - eps) * wt + eps * w_sum / n + as_dtype_of(x, 2) * z * wt * lse) / s
     b = scale * eps / n
     if in_place:  # one array argument: LLVM sees no aliasing and vectorizes (3x here)
-        write_grad(x, x, m, a, b, w, cap)
+        write_grad(g, g, m, a, b, w, cap)  # g is x: read through the writable name
     else:
         write_grad(x, g, m, a, b, w, cap)
     # 3. The target's own term -(1 - eps) w_t, with its soft-cap factor.
@@ -199,7 +199,7 @@ def xent_range(
     want_grad = scale.size > 0
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
-        gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else xr
+        gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
         fill = skip_value(targets[i], ignore_index, n_cols)
         if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
             loss[i] = fill
@@ -282,7 +282,7 @@ def normalize_row(x, out, in_place, mode):
     """
     m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False)
     if in_place:
-        write_normalized(x, x, m, s, mode)
+        write_normalized(out, out, m, s, mode)  # out is x: read through the writable name
     else:
         write_normalized(x, out, m, s, mode)
     return m if math.isinf(m) else m + math.log(s)
@@ -294,7 +294,7 @@ def normalize_range(lo, hi, x, x_off, n_cols, mode, out, out_off, in_place, lse)
     ``out`` (``in_place``: ``out`` is ``x``)."""
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
-        outr = out[out_off[i] : out_off[i] + n_cols] if mode != MODE_LSE else xr
+        outr = out[out_off[i] : out_off[i] + n_cols] if mode != MODE_LSE else out[:0]
         lse[i] = normalize_row(xr, outr, in_place, mode)
 
 

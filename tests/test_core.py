@@ -370,3 +370,14 @@ def test_option_grid(reduction, smoothing, weighted, z, cap):
     logits, targets = make_case(rng, (7, 23), np.float32, n_ignored=2)
     weight = rng.uniform(0.1, 3, 23) if weighted else None
     check(logits, targets, reduction=reduction, label_smoothing=smoothing, weight=weight, z_loss=z, softcap=cap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_read_only_logits(dtype):
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (5, 70), dtype)
+    logits.flags.writeable = False
+    check(logits, targets, label_smoothing=0.1)
+    assert np.isfinite(nx.logsumexp(logits)).all()
+    np.testing.assert_allclose(nx.softmax(logits).astype(np.float64).sum(-1), 1, rtol=1e-2)
+    assert nx.log_softmax(logits).shape == logits.shape
