@@ -65,7 +65,8 @@ def check(logits, targets, rng=None, grad_output=1.0, **opts):
     assert np.asarray(loss).dtype == acc
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
     np.testing.assert_allclose(loss, want_loss, rtol=loss_rtol, atol=loss_rtol)
-    np.testing.assert_array_equal(loss, loss2)
+    # the loss-only and the fused kernels sum in different SIMD orders: equal to rounding
+    np.testing.assert_allclose(loss, loss2, rtol=4e-7 if loss2.dtype == np.float32 else 1e-15)
     # Entries are differences of terms as large as grad_output * w_t / (weight sum): float32
     # cancellation is relative to that size, not to the (possibly tiny) difference.
     w = np.ones(1) if opts.get("weight") is None else np.asarray(opts["weight"])
