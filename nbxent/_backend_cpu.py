@@ -61,8 +61,10 @@ def acc_dtype(dtype: np.dtype) -> type:
 
 
 def _half_code(dtype: np.dtype) -> int:
-    name = np.dtype(dtype).name
-    return HALF_F16 if name == "float16" else HALF_BF16 if name == "bfloat16" else 0
+    """Which 16-bit format validated logits are in (0: none). Cheap: it runs on every call."""
+    if dtype.itemsize != 2:
+        return 0
+    return HALF_F16 if dtype == np.float16 else HALF_BF16
 
 
 def _address(a: np.ndarray) -> int:
@@ -80,6 +82,8 @@ def row_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     n_cols = a.shape[-1]
     item = a.itemsize
     bits = a.view(np.uint16) if _half_code(a.dtype) else a
+    if a.flags.c_contiguous and a.size:  # the common case, without the general stride walk
+        return bits.reshape(-1), np.arange(0, a.size, n_cols, dtype=np.int64)
     if a.size == 0:
         return np.empty(0, dtype=bits.dtype), np.zeros(a.size // max(n_cols, 1), dtype=np.int64)
     lead_shape = a.shape[:-1]
@@ -167,7 +171,10 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
         _checks.check_target_range(targets, n_cols, opts.ignore_index)
     # The kernels guard the range themselves (an unchecked bad target gives a NaN row), so
     # clipping to int64 here can never turn into an out-of-bounds read.
-    t = np.clip(targets.reshape(-1), -(2**63), 2**63 - 1).astype(np.int64)
+    t = targets.reshape(-1)
+    if t.dtype == np.uint64:
+        t = np.minimum(t, np.uint64(2**63 - 1))
+    t = t.astype(np.int64, copy=False)
     n_rows = t.size
     kept = t != opts.ignore_index
     in_range = kept & (t >= 0) & (t < n_cols)
