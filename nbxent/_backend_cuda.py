@@ -436,16 +436,16 @@ def _words(arr: _Array, span: int) -> tuple[Any, int]:
     return _sim_view(base, -(-(first + span) * item // 8), np.uint64), first
 
 
-def _with_layout(arr: _Array, stream, what: str) -> tuple[_Array, tuple[int, int, int, int]]:
+def _with_layout(arr: _Array, stream) -> tuple[_Array, tuple[int, int, int, int]]:
     """``arr`` and its ``row_layout``, through a contiguous copy when it has none."""
     layout = row_layout(arr)
     if layout is None:
-        arr = _contiguous_copy(arr, stream, what)
+        arr = _contiguous_copy(arr, stream)
         layout = row_layout(arr)
     return arr, layout
 
 
-def _contiguous_copy(arr: _Array, stream, what: str) -> _Array:
+def _contiguous_copy(arr: _Array, stream) -> _Array:
     if arr.kind == "torch":
         return as_array(arr.obj.contiguous())
     if arr.kind == "cupy":
@@ -467,7 +467,7 @@ def _gpu_logits(logits) -> tuple[_Array, int, int]:
     return x, n_cols, FMT_NAMES[_checks.logit_dtype_name(x.dtype)]
 
 
-def _device_operand(value, x: _Array, stream, name: str) -> tuple[_Array | None, np.ndarray | None]:
+def _device_operand(value, x: _Array, name: str) -> tuple[_Array | None, np.ndarray | None]:
     """A ``targets``/``weight``/``grad_output`` argument: ``(device array, None)`` when it is
     on the GPU (the logits' GPU), else ``(None, host array)``."""
     arr = as_array(value)
@@ -565,10 +565,11 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
 
 
 def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, validate, s):
+    """``xent`` on the logits' device and stream ``s``: steps 1-7 below."""
     kind, dev = x.kind, x.device
     # 1. Targets: int32 or int64, contiguous, on the device.
-    t_dev, t_host = _device_operand(targets, x, s, "targets")
-    t_arr = t_dev if t_dev is not None else None
+    t_dev, t_host = _device_operand(targets, x, "targets")
+    t_arr = t_dev
     t_shape, t_dtype = (t_dev.shape, t_dev.dtype) if t_dev is not None else (t_host.shape, t_host.dtype)
     _checks.check_targets(t_shape, t_dtype, x.shape)
     if t_host is not None:
@@ -585,14 +586,14 @@ def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, va
     # 2. Weights, in the accumulation dtype.
     w_arr = None
     if weight is not None:
-        w_dev, w_host = _device_operand(weight, x, s, "weight")
+        w_dev, w_host = _device_operand(weight, x, "weight")
         w_shape, w_dtype = (w_dev.shape, w_dev.dtype) if w_dev is not None else (w_host.shape, w_host.dtype)
         _checks.check_weight(w_shape, w_dtype, n_cols)
         w_arr = _converted(w_dev, acc, s) if w_dev is not None else _upload(w_host.astype(acc), kind, dev, s)
     # 3. grad_output: a host scalar, a 1-element device array, or one value per row.
     go_arr, go_scalar = None, 1.0
     if grad:
-        go_dev, go_host = _device_operand(grad_output, x, s, "grad_output")
+        go_dev, go_host = _device_operand(grad_output, x, "grad_output")
         go_shape, go_dtype = (go_dev.shape, go_dev.dtype) if go_dev is not None else (go_host.shape, go_host.dtype)
         _checks.check_grad_output_dtype(go_dtype)
         _checks.check_grad_output_shape(go_shape, opts.reduction, t_shape)
@@ -605,7 +606,7 @@ def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, va
     elif out is not None:
         raise ValueError("out= is where the gradient goes; cross_entropy computes no gradient")
     # 4. Layouts, and where the gradient goes.
-    x, (n1, xs0, xs1, x_span) = _with_layout(x, s, "logits")
+    x, (n1, xs0, xs1, x_span) = _with_layout(x, s)
     if grad:
         g, g_result, copy_into = _output(out, x, s)
         g_layout = row_layout(g)
@@ -618,7 +619,6 @@ def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, va
     n_go = 0 if go_arr is None else go_arr.size
     go_arg = _addr(go_arr, acc)
     red = _REDUCTION_CODE[opts.reduction]
-    reduce_k = _reduce_kernel(tgt_bits, 64 if acc is np.float64 else 32)
     # 32 bytes of device scalars (see F_*), only when a reduction or a check needs them.
     needs_stats = validate or red == _cuda.RED_MEAN or (n_w and opts.label_smoothing > 0)
     stats = _empty(kind, dev, (4,), np.float64, s) if needs_stats else None
@@ -627,7 +627,7 @@ def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, va
     def reduce(flags: int, loss_arr: _Array | None, result: _Array | None) -> None:
         args = (t_arg, w_arg, go_arg, _addr(loss_arr, acc), stats_arg, _addr(result, acc))
         args += (n_rows, n_cols, opts.ignore_index, n_w, n_go, flags, go_scalar)
-        _launch(reduce_k, 1, s, args)
+        _launch(_reduce_kernel(tgt_bits, 64 if acc is np.float64 else 32), 1, s, args)
 
     # 5. Before the main kernel: checks and the device-side scalars it needs.
     flags = (F_CHECK if validate and n_rows else 0) | (F_WSUM if n_w and opts.label_smoothing > 0 else 0)
@@ -685,7 +685,7 @@ def normalize(logits, mode: int, out, *, stream):
         kind, dev = x.kind, x.device
         lead = x.shape[:-1]
         n_rows = math.prod(lead)
-        x, (n1, xs0, xs1, x_span) = _with_layout(x, s, "logits")
+        x, (n1, xs0, xs1, x_span) = _with_layout(x, s)
         if mode == MODE_LSE:
             g, result, copy_into, g_layout = x, None, None, (n1, xs0, xs1, x_span)
         else:

@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover
 THREADS = 512  # threads per block (a power of two)
 UNROLL = 4  # 64-bit words a thread loads before it uses any (loads in flight per thread)
 MIN_GROUP = 32  # fewest threads that share one row (small V: several rows per block)
-BLOCKS_PER_SM = 2  # resident blocks per SM for the persistent row kernels
+BLOCKS_PER_SM = 1  # blocks per SM of the persistent grid; ptxas fits registers to it (1: <= 128)
 SPLIT_CHUNK = 8192  # smallest row chunk (elements) when one row is split over blocks
 SIM_SM_COUNT = 2  # the simulator's stand-in for the SM count
 
@@ -93,9 +93,11 @@ def jit_options(threads: int, blocks_per_sm: int) -> dict:
 
     No fast-math: no flush-to-zero (the float16 conversion needs float32 subnormals) and
     IEEE division; the fast exp is chosen explicitly below. The launch bounds make ptxas
-    fit the registers to the occupancy the launch geometry assumes (64 per thread for two
-    blocks of 512): a kernel that used more would silently run fewer blocks per SM, with
-    fewer loads in flight, and a block size it was not built for would fail to launch.
+    fit the registers to the occupancy the launch geometry assumes (at most 128 per thread
+    for one block of 512; 64 for two): a kernel that used more would silently run fewer
+    blocks per SM, and a block size it was not built for would fail to launch. With one
+    block of 512 the kernels need 70-100 registers and spill nothing; at 64 registers they
+    spill (``tests/test_cuda_ptx.py`` checks the defaults with ptxas).
     """
     if SIMULATOR:
         return {"fastmath": False}
@@ -117,6 +119,10 @@ if SIMULATOR:
         wrapper. (A running simulated kernel has already swapped this module's ``cuda``.)"""
         return func
 
+    # NumPy's exp gives inf where math.exp raises, as a GPU does (lanes of other rows may
+    # hold anything: they are computed and never stored).
+    exp, exp2 = np.exp, np.exp2
+
     def as_pointer(buf, dtype):
         """The simulator passes arrays: a NumPy view of the same memory."""
         ary = getattr(buf, "_item", buf)
@@ -132,6 +138,7 @@ if SIMULATOR:
 
 else:
     device_function = cuda.jit(device=True)
+    exp, exp2 = math.exp, getattr(math, "exp2", None)
 
     from llvmlite import ir
     from numba.cuda import types as _types
@@ -247,7 +254,9 @@ def _check_threads(threads: int) -> None:
 def _arithmetic(f64: bool) -> SimpleNamespace:
     """Helpers that depend only on the accumulation type (float64 or float32)."""
     ACC = np.float64 if f64 else np.float32
-    NEG_INF, ZERO, ONE, TWO, NAN = ACC(-np.inf), ACC(0.0), ACC(1.0), ACC(2.0), ACC(np.nan)
+    ZERO, ONE, TWO = ACC(0.0), ACC(1.0), ACC(2.0)
+    NEG_INF, NAN = ACC(-np.inf), ACC(np.nan)
+    LOWEST = ACC(np.finfo(ACC).min)  # where running maxima start (see _storage.thread_stats)
     LOG2E = ACC(_LOG2E)
     USE_EXP2 = _HAS_EXP2 and not f64
 
@@ -256,8 +265,8 @@ def _arithmetic(f64: bool) -> SimpleNamespace:
         """exp(d): ``ex2.approx`` of d * log2(e) for float32 (one MUFU op), libdevice for
         float64. Callers pass differences (x - max), which are <= 0 and exact."""
         if USE_EXP2:
-            return ACC(math.exp2(d * LOG2E))
-        return ACC(math.exp(d))
+            return ACC(exp2(d * LOG2E))
+        return ACC(exp(d))
 
     @device_function
     def log_acc(s):
@@ -266,15 +275,11 @@ def _arithmetic(f64: bool) -> SimpleNamespace:
 
     @device_function
     def rebase(m_part, s_part, sm_part, ws_part, m):
-        """A partial ``(s, sm)`` taken relative to ``m_part``, re-expressed relative to ``m``.
-
-        A part that saw only -inf (or nothing) keeps its sums as they are: s is 0 there and
-        sm already +inf (or 0), whatever the reference.
-        """
-        if m_part > NEG_INF:
-            m_ref = m if m > NEG_INF else ZERO
-            return s_part * exp_acc(m_part - m), sm_part + (m_ref - m_part) * ws_part
-        return s_part, sm_part
+        """A partial ``(s, sm)`` taken relative to ``m_part``, re-expressed relative to
+        ``m >= m_part``. A part without weight skips the shift of ``sm``: its ``m_part`` may
+        still be -FLT_MAX, and (m - m_part) * 0 must not become inf * 0 = NaN."""
+        shift = (m - m_part) * ws_part if ws_part != ZERO else ZERO
+        return s_part * exp_acc(m_part - m), sm_part + shift
 
     @device_function
     def group_stats(red, tid, lane, group, m, s, sm, ws):
@@ -357,7 +362,8 @@ def _arithmetic(f64: bool) -> SimpleNamespace:
         coef_p = sc * ((ONE - eps) * wt + eps * w_sum / n + TWO * z * wt * lse)
         return coef_p, sc * eps / n, sc * (ONE - eps) * wt
 
-    return SimpleNamespace(**{k: v for k, v in locals().items() if callable(v) and not isinstance(v, type)})
+    functions = {k: v for k, v in locals().items() if callable(v) and not isinstance(v, type)}
+    return SimpleNamespace(LOWEST=LOWEST, **functions)
 
 
 @functools.cache
@@ -368,8 +374,9 @@ def _storage(fmt: int, unroll: int) -> SimpleNamespace:
     ELEM = {4: np.uint16, 2: np.uint32, 1: np.uint64}[E]
     LANE_BITS = 64 // E
     U = unroll
-    UE = unroll * E  # values a thread holds per step
-    NEG_INF, ZERO, ONE = ACC(-np.inf), ACC(0.0), ACC(1.0)
+    UE = unroll * E  # values a thread holds per step (soft-capped variants)
+    ZERO, ONE = ACC(0.0), ACC(1.0)
+    LOWEST = _arithmetic(fmt == FMT_F64).LOWEST
     exp_acc = _arithmetic(fmt == FMT_F64).exp_acc
 
     @device_function
@@ -407,6 +414,55 @@ def _storage(fmt: int, unroll: int) -> SimpleNamespace:
         """The (capped) value of buffer element ``j``, read on its own (the target logit)."""
         return capped(unpack(xw[j // E], j % E), cap, inv_cap)
 
+    def make_stats(CAPPED):
+        @device_function
+        def stats_steps(xw, lo, hi, a, lane, group, cap, inv_cap, w, has_w, smooth):
+            """``thread_stats``'s loop, with the soft-cap compiled in or out (``CAPPED``).
+
+            Capped values are computed in a loop of their own into ``vals``, so that each
+            loop body stays small enough to be unrolled (and the arrays kept in registers).
+            """
+            m = LOWEST
+            s = ZERO
+            sm = ZERO
+            ws = ZERO
+            k0 = lo // E
+            k1 = (hi - 1) // E + 1
+            step = group * U
+            n_steps = (k1 - k0 - lane + step - 1) // step if k1 - k0 > lane else 0
+            words = cuda.local.array(U, np.uint64)
+            vals = cuda.local.array(UE, ACC)
+            for it in range(n_steps):
+                kb = k0 + lane + it * step
+                for u in range(U):
+                    k = kb + u * group
+                    words[u] = xw[k] if k < k1 else np.uint64(0)
+                if CAPPED:
+                    for u in range(U):
+                        for e in range(E):
+                            v = unpack(words[u], e)
+                            vals[u * E + e] = ACC(cap * ACC(math.tanh(v * inv_cap)))
+                for u in range(U):
+                    for e in range(E):
+                        j = (kb + u * group) * E + e
+                        if j >= lo and j < hi:
+                            v = vals[u * E + e] if CAPPED else unpack(words[u], e)
+                            if v > m:
+                                s *= exp_acc(m - v)
+                                if smooth and ws != ZERO:
+                                    sm += (v - m) * ws
+                                m = v
+                            s += exp_acc(v - m)
+                            if smooth:
+                                wc = w[j - a] if has_w else ONE
+                                sm += wc * (m - v)
+                                ws += wc
+            return m, s, sm, ws
+
+        return stats_steps
+
+    stats_plain, stats_capped = make_stats(False), make_stats(True)
+
     @device_function
     def thread_stats(xw, lo, hi, a, lane, group, cap, inv_cap, w, has_w, smooth):
         """One thread's share of the row statistics over buffer elements ``[lo, hi)``.
@@ -418,55 +474,18 @@ def _storage(fmt: int, unroll: int) -> SimpleNamespace:
 
         1. Each step loads UNROLL words, ``group`` words apart (coalesced across the group),
            before using any, so UNROLL loads per thread are in flight.
-        2. The step's max ``bm`` is taken first; when it raises the running max, ``s`` is
-           rescaled once by exp(m - bm) and ``sm`` shifted by (bm - m) * ws: online softmax,
-           one exp per element plus one per step.
-        3. Lanes outside ``[lo, hi)`` (the neighbouring rows' halves of the end words) are
-           masked out of the max and the sums; they are never given a value that is summed.
-        4. ``m`` stays -inf until a finite value is seen; exp(v - m) is then taken against 0,
-           so a thread that sees only -inf (masked vocabulary) contributes s = 0, not NaN.
+        2. Online softmax, one element at a time: when an element raises the running max,
+           ``s`` is rescaled by exp(m - v) and ``sm`` shifted by (v - m) * ws; that branch is
+           rare after the first few elements, so it costs one exp per element.
+        3. The running max starts at -FLT_MAX, not -inf: a -inf element (masked vocabulary)
+           then adds exp(-inf) = 0 and never makes exp(-inf - -inf) = NaN, and a thread that
+           sees only -inf contributes s = 0. No per-element guard is needed.
+        4. Lanes outside ``[lo, hi)`` (the neighbouring rows' halves of the end words) are
+           skipped: they never enter the max or a sum.
         """
-        m = NEG_INF
-        s = ZERO
-        sm = ZERO
-        ws = ZERO
-        k0 = lo // E
-        k1 = (hi - 1) // E + 1
-        step = group * U
-        n_steps = (k1 - k0 - lane + step - 1) // step if k1 - k0 > lane else 0
-        words = cuda.local.array(U, np.uint64)
-        vals = cuda.local.array(UE, ACC)
-        for it in range(n_steps):
-            kb = k0 + lane + it * step
-            for u in range(U):
-                k = kb + u * group
-                words[u] = xw[k] if k < k1 else np.uint64(0)
-            bm = NEG_INF
-            for u in range(U):
-                for e in range(E):
-                    j = (kb + u * group) * E + e
-                    v = capped(unpack(words[u], e), cap, inv_cap)
-                    vals[u * E + e] = v
-                    if j >= lo and j < hi and v > bm:
-                        bm = v
-            if bm > m:
-                m_from = m if m > NEG_INF else ZERO
-                s = s * exp_acc(m - bm)
-                if smooth:
-                    sm = sm + (bm - m_from) * ws
-                m = bm
-            m_ref = m if m > NEG_INF else ZERO
-            for u in range(U):
-                for e in range(E):
-                    j = (kb + u * group) * E + e
-                    if j >= lo and j < hi:
-                        v = vals[u * E + e]
-                        s += exp_acc(v - m_ref)
-                        if smooth:
-                            wc = w[j - a] if has_w else ONE
-                            sm += wc * (m_ref - v)
-                            ws += wc
-        return m, s, sm, ws
+        if cap > ZERO:
+            return stats_capped(xw, lo, hi, a, lane, group, cap, inv_cap, w, has_w, smooth)
+        return stats_plain(xw, lo, hi, a, lane, group, cap, inv_cap, w, has_w, smooth)
 
     @device_function
     def fill_span(gw, ge, lo, hi, lane, group, value):
@@ -505,7 +524,72 @@ def _writer(fmt: int, job: int, unroll: int):
     ZERO, ONE = ACC(0.0), ACC(1.0)
     exp_acc = _arithmetic(fmt == FMT_F64).exp_acc
     storage = _storage(fmt, unroll)
-    unpack, pack, capped = storage.unpack, storage.pack, storage.capped
+    unpack, pack = storage.unpack, storage.pack
+
+    def make_steps(CAPPED):
+        @device_function
+        def write_steps(xw, gw, ge, span, lane, group, cap, inv_cap, coefs, w, has_w):
+            """``write_span``'s loop, with the soft-cap compiled in or out (``CAPPED``), so
+            that the plain loop's body is small enough to be unrolled."""
+            lo, hi, a, g_lo = span
+            m, log_s, coef_p, coef_w, coef_t, t_j = coefs
+            k0 = lo // E
+            k1 = (hi - 1) // E + 1
+            shift = g_lo - lo
+            aligned = shift % E == 0
+            dk = shift // E
+            step = group * U
+            n_steps = (k1 - k0 - lane + step - 1) // step if k1 - k0 > lane else 0
+            words = cuda.local.array(U, np.uint64)
+            vals = cuda.local.array(UE, ACC)
+            for it in range(n_steps - 1, -1, -1):
+                kb = k0 + lane + it * step
+                for u in range(U):
+                    k = kb + u * group
+                    words[u] = load_last(xw, k) if k < k1 else np.uint64(0)
+                if CAPPED:  # in a loop of its own, as in thread_stats
+                    for u in range(U):
+                        for e in range(E):
+                            v = unpack(words[u], e)
+                            vals[u * E + e] = ACC(cap * ACC(math.tanh(v * inv_cap)))
+                for u in range(U):
+                    k = kb + u * group
+                    if k < k1:
+                        whole = aligned and k * E >= lo and k * E + E <= hi
+                        packed = np.uint64(0)
+                        for e in range(E):
+                            j = k * E + e
+                            v = vals[u * E + e] if CAPPED else unpack(words[u], e)
+                            d = (v - m) - log_s
+                            if NORM and coef_p == ZERO:
+                                f = d
+                            else:
+                                f = coef_p * exp_acc(d)
+                            if GRAD:
+                                # d loss / d xc_j = a p_j - b w_j - c [j == t], times the
+                                # soft-cap factor d xc / dx = 1 - (xc / cap)^2. Lanes outside
+                                # the span read the weight of its nearest class and are
+                                # never stored.
+                                if has_w:
+                                    f -= coef_w * w[min(max(j, lo), hi - 1) - a]
+                                else:
+                                    f -= coef_w
+                                if j == t_j:
+                                    f -= coef_t
+                                if CAPPED:
+                                    r = v * inv_cap
+                                    f *= ONE - r * r
+                            bits = pack(f)
+                            if whole:
+                                packed |= bits << np.uint64(e * LANE_BITS)
+                            elif j >= lo and j < hi:
+                                ge[j + shift] = ELEM(bits)
+                        if whole:
+                            store_streaming(gw, k + dk, packed)
+
+        return write_steps
+
+    steps_plain, steps_capped = make_steps(False), make_steps(True)
 
     @device_function
     def write_span(xw, gw, ge, span, lane, group, cap, inv_cap, coefs, w, has_w):
@@ -524,69 +608,14 @@ def _writer(fmt: int, job: int, unroll: int):
            L2. Loads are marked last-use and stores streaming, so neither evicts logits that
            other rows have yet to re-read.
         2. When ``g`` has the same alignment as ``x`` (always for ``out=logits`` and for
-           outputs allocated here), a word wholly inside ``[lo, hi)`` is stored as one
-           word; the partial end words (and every word of a misaligned ``g``) are stored
-           element by element, touching only this row's elements.
-        3. Four loops with small bodies, so that each is unrolled and the arrays stay in
-           registers: load the step's words; widen (and cap) their elements; compute f;
-           pack and store.
+           outputs allocated here), a word wholly inside ``[lo, hi)`` is packed in registers
+           and stored as one word; the partial end words (and every word of a misaligned
+           ``g``) are stored element by element, touching only this row's elements.
         """
-        lo, hi, a, g_lo = span
-        m, log_s, coef_p, coef_w, coef_t, t_j = coefs
-        k0 = lo // E
-        k1 = (hi - 1) // E + 1
-        shift = g_lo - lo
-        aligned = shift % E == 0
-        dk = shift // E
-        step = group * U
-        n_steps = (k1 - k0 - lane + step - 1) // step if k1 - k0 > lane else 0
-        words = cuda.local.array(U, np.uint64)
-        vals = cuda.local.array(UE, ACC)
-        for it in range(n_steps - 1, -1, -1):
-            kb = k0 + lane + it * step
-            for u in range(U):
-                k = kb + u * group
-                words[u] = load_last(xw, k) if k < k1 else np.uint64(0)
-            for u in range(U):
-                for e in range(E):
-                    j = (kb + u * group) * E + e
-                    v = capped(unpack(words[u], e), cap, inv_cap)
-                    vals[u * E + e] = v if j >= lo and j < hi else m  # other rows' lanes: harmless
-            for i in range(UE):
-                j = (kb + (i // E) * group) * E + i % E
-                v = vals[i]
-                d = (v - m) - log_s
-                if NORM and coef_p == ZERO:
-                    f = d
-                else:
-                    f = coef_p * exp_acc(d)
-                if GRAD:
-                    # d loss / d xc_j = a p_j - b w_j - c [j == t], times the soft-cap factor
-                    # d xc / dx = 1 - (xc / cap)^2. Lanes outside the span read the weight of
-                    # its nearest class and are never stored.
-                    if has_w:
-                        f -= coef_w * w[min(max(j, lo), hi - 1) - a]
-                    else:
-                        f -= coef_w
-                    if j == t_j:
-                        f -= coef_t
-                    if cap > ZERO:
-                        r = v * inv_cap
-                        f *= ONE - r * r
-                vals[i] = f
-            for u in range(U):
-                k = kb + u * group
-                if k < k1:
-                    if aligned and k * E >= lo and k * E + E <= hi:
-                        packed = np.uint64(0)
-                        for e in range(E):
-                            packed |= pack(vals[u * E + e]) << np.uint64(e * LANE_BITS)
-                        store_streaming(gw, k + dk, packed)
-                    else:
-                        for e in range(E):
-                            j = k * E + e
-                            if j >= lo and j < hi:
-                                ge[j + shift] = ELEM(pack(vals[u * E + e]))
+        if cap > ZERO:
+            steps_capped(xw, gw, ge, span, lane, group, cap, inv_cap, coefs, w, has_w)
+        else:
+            steps_plain(xw, gw, ge, span, lane, group, cap, inv_cap, coefs, w, has_w)
 
     return write_span
 
@@ -618,8 +647,9 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int)
     TGT = np.int32 if tgt_bits == 32 else np.int64
     GRAD = job == JOB_GRAD
     NORM = job == JOB_NORM
-    NEG_INF, ZERO, ONE, NAN = ACC(-np.inf), ACC(0.0), ACC(1.0), ACC(np.nan)
+    ZERO, ONE, NAN = ACC(0.0), ACC(1.0), ACC(np.nan)
     arith = _arithmetic(fmt == FMT_F64)
+    LOWEST = arith.LOWEST
     log_acc, rebase, group_stats = arith.log_acc, arith.rebase, arith.group_stats
     row_loss, row_scale, grad_coefficients = arith.row_loss, arith.row_scale, arith.grad_coefficients
     storage = _storage(fmt, unroll)
@@ -702,7 +732,7 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int)
                     fill = -1
             live = row < n_rows and fill == -1
             a = row_start(row, n1, x0, xs0, xs1)
-            m = NEG_INF
+            m = LOWEST
             s = ZERO
             sm = ZERO
             ws = ZERO
@@ -789,7 +819,7 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int)
             a = row_start(row, n1, x0, xs0, xs1)
             lo = a + c * chunk
             hi = min(lo + chunk, a + n_cols)
-            m = NEG_INF
+            m = LOWEST
             s = ZERO
             sm = ZERO
             ws = ZERO
@@ -883,7 +913,7 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int)
                     fill_span(gw, ge, g_a + (lo - a), g_a + (hi - a), tid, threads, value)
                 continue
             first = row * n_chunks * PART
-            m = NEG_INF
+            m = LOWEST
             for i in range(n_chunks):
                 if part[first + i * PART] > m:
                     m = part[first + i * PART]

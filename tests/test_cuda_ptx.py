@@ -1,5 +1,6 @@
 """Every CUDA kernel variant compiles to PTX for sm_80 (A100) and sm_90 (H100/H200), no GPU
-needed, and the PTX has the properties the speed design relies on.
+needed, and the PTX has the properties the speed design relies on; when ptxas is at hand,
+the sm_90 PTX is assembled too, to check registers and spills.
 
 Runs with the real ``numba.cuda`` (not the simulator) and NVVM from the CUDA toolkit wheels
 that ``numba-cuda[cu12]`` installs.
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -44,6 +48,20 @@ def variants():
 
 
 VARIANTS = list(variants())
+
+
+def find_ptxas() -> str | None:
+    """ptxas from the toolkit wheel that provides NVVM (numba-cuda[cu12]), else on PATH."""
+    from numba.cuda.cuda_paths import get_cuda_paths
+
+    nvvm = Path(get_cuda_paths()["nvvm"].info or "")
+    for parent in nvvm.parents:
+        candidate = parent / "bin" / "ptxas"
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("ptxas")
+
+
 F64_ARITHMETIC = re.compile(r"^\s*(add|sub|mul|div|fma|min|max|neg|abs|setp\.\w+)(\.\w+)*\.f64\b", re.MULTILINE)
 
 
@@ -60,9 +78,11 @@ def cc(request, monkeypatch):
 
 
 @pytest.mark.parametrize(("func", "sig", "fmt", "job"), [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
-def test_kernel_compiles_to_ptx(func, sig, fmt, job, cc):
+def test_kernel_compiles_to_ptx(func, sig, fmt, job, cc, tmp_path):
     blocks = 1 if fmt is None else _cuda.BLOCKS_PER_SM
     ptx, _ = cuda.compile_ptx(func, sig, cc=cc, **_cuda.jit_options(_cuda.THREADS, blocks))
+    if cc == (9, 0):
+        assemble(ptx, cc, _cuda.THREADS, blocks, tmp_path)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     assert ptx.count(".entry") == 1
     # The launch bounds reached ptxas: it fits registers to the intended occupancy.
@@ -82,3 +102,20 @@ def test_kernel_compiles_to_ptx(func, sig, fmt, job, cc):
     if writes:
         assert re.search(r"\bst\.global\.cs\.b64\b", ptx), "whole gradient words are streaming stores"
         assert re.search(r"\bld\.global\.cs\.b64\b", ptx), "the second pass marks its loads last-use"
+
+
+def assemble(ptx: str, cc, threads: int, blocks: int, tmp_path) -> None:
+    """ptxas (the assembler a GPU driver runs) fits the kernel in the registers its launch
+    bounds allow, without spilling to local memory."""
+    ptxas = find_ptxas()
+    if ptxas is None:
+        return  # it comes with the nvidia-cuda-nvcc-cu12 wheel that provides NVVM
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    arch = f"-arch=sm_{cc[0]}{cc[1]}"
+    result = subprocess.run([ptxas, "-v", arch, str(source), "-o", os.devnull], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", result.stderr)]
+    assert spills and not any(spills), result.stderr
+    assert registers and max(registers) <= 65536 // (threads * blocks), result.stderr
