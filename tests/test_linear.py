@@ -81,11 +81,7 @@ def reference_logit_grad(hidden, weight, targets, *, bias=None, grad_output=1.0,
     if bias is not None:
         logits = logits + np.asarray(bias, dtype=np.float64)
     loss, grad_logits = ref.cross_entropy(logits, targets, weight=class_weight, grad_output=grad_output, **opts)
-    # Ignored rows have a zero gradient (PyTorch's and nbxent's semantics). The reference scales
-    # them by grad_output / weight sum too, which makes them 0 * inf = NaN when all are ignored.
-    kept = np.asarray(targets).reshape(-1) != opts.get("ignore_index", -100)
-    g = np.where(kept[:, None], grad_logits.reshape(-1, w.shape[0]), 0.0)
-    return loss, g, h.reshape(-1, w.shape[1]), w
+    return loss, grad_logits.reshape(-1, w.shape[0]), h.reshape(-1, w.shape[1]), w
 
 
 def reference(hidden, weight, targets, **opts):
