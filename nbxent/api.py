@@ -28,7 +28,7 @@ _CUDA_DEVICE_TYPES = (2, 13)  # DLPack's kDLCUDA and kDLCUDAManaged
 
 def is_gpu_array(a: Any) -> bool:
     """True for arrays that live on an NVIDIA GPU (CUDA array interface or a CUDA DLPack device)."""
-    if hasattr(a, "__cuda_array_interface__"):
+    if hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False):
         return True
     dlpack_device = getattr(a, "__dlpack_device__", None)
     if dlpack_device is None:
