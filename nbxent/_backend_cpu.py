@@ -138,6 +138,17 @@ def _as_logits(logits) -> np.ndarray:
     return logits
 
 
+def mean_divisor(xp, t, class_weight, ignore_index: int, n_classes: int) -> float:
+    """The mean's divisor: the number of non-ignored rows, or the sum of their class weights
+    (rows whose target is out of range, possible only with validate=False, count as weight 0).
+    ``xp`` is the array namespace of ``t`` (NumPy here, CuPy for the linear loss on a GPU)."""
+    kept = t != ignore_index
+    if class_weight is None:
+        return float(xp.count_nonzero(kept))
+    in_range = kept & (t >= 0) & (t < n_classes)
+    return float(xp.sum(class_weight.astype(np.float64)[xp.where(in_range, t, 0)] * in_range))
+
+
 def _row_scale(grad_output, reduction: str, targets_shape, n_rows: int, total_weight: float, acc) -> np.ndarray:
     """The factor each row's gradient is multiplied by."""
     go = np.asarray(grad_output)
@@ -176,12 +187,7 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
         t = np.minimum(t, np.uint64(2**63 - 1))
     t = t.astype(np.int64, copy=False)
     n_rows = t.size
-    kept = t != opts.ignore_index
-    in_range = kept & (t >= 0) & (t < n_cols)
-    if w.size:
-        total_weight = float(np.sum(w.astype(np.float64)[np.where(in_range, t, 0)] * in_range))
-    else:
-        total_weight = float(np.count_nonzero(kept))
+    total_weight = mean_divisor(np, t, w if w.size else None, opts.ignore_index, n_cols)
     if grad:
         scale = _row_scale(grad_output, opts.reduction, targets.shape, n_rows, total_weight, acc)
         result, g_buf, g_off, copy_back = _output(out, logits)

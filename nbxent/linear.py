@@ -320,7 +320,7 @@ def _run(device: Device, hidden, weight, targets, opts, bias, chunk_size, class_
         _checks.check_target_range(device.to_host(targets), n_classes, opts.ignore_index)
     t = _int64_targets(xp, targets.reshape(-1))
     n_rows = int(t.size)
-    total_weight = _total_weight(xp, t, class_weight, opts.ignore_index, n_classes)
+    total_weight = _backend_cpu.mean_divisor(xp, t, class_weight, opts.ignore_index, n_classes)
     scale = None
     if grad:
         go = device.to_host(grad_output)
@@ -452,16 +452,6 @@ def _int64_targets(xp, t):
     if t.dtype == np.uint64:
         t = xp.minimum(t, np.uint64(2**63 - 1))
     return t.astype(np.int64)
-
-
-def _total_weight(xp, t, class_weight, ignore_index: int, n_classes: int) -> float:
-    """The mean's divisor: the number of non-ignored rows, or the sum of their class weights
-    (rows whose target is out of range, possible only with validate=False, count as weight 0)."""
-    kept = t != ignore_index
-    if class_weight is None:
-        return float(xp.count_nonzero(kept))
-    in_range = kept & (t >= 0) & (t < n_classes)
-    return float(xp.sum(class_weight.astype(np.float64)[xp.where(in_range, t, 0)] * in_range))
 
 
 def _reduce(xp, loss_rows, reduction: str, shape, total_weight: float, acc):
