@@ -40,22 +40,16 @@ HALF_F16, HALF_BF16 = 1, 2
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
 
-@jit_reduce
-def row_stats(x, cap, w, smooth):
-    """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
+# Logits per block of ``row_stats``: 8 KB of float32, which stay in L1 between the block's
+# max and its sums. 2048 was the fastest of 1024-8192 on the bench shapes.
+STATS_BLOCK = 2048
 
-    Returns ``(m, s, sm)``: the row max ``m``, ``s = sum_j exp(xc_j - m)`` and, when
-    ``smooth``, ``sm = sum_j w_j (m - xc_j)`` (``w_j = 1`` when ``w`` is empty). ``sm`` is
-    accumulated relative to ``m`` so that a large common offset (1e5) does not cancel.
-    Two sweeps: an integer max (vectorized), then one sweep for the sums, while the row is in
-    cache. tanh is monotone, so the capped max is the cap of the raw max.
-    """
+
+@jit_reduce
+def block_sums(x, m, cap, inv_cap, w, smooth):
+    """``(sum_j exp(xc_j - m), sum_j w_j (m - xc_j))`` over one block (see ``row_stats``)."""
     zero = as_dtype_of(x, 0)
-    m = row_max(x)
     capped = cap > zero
-    inv_cap = as_dtype_of(x, 1) / cap if capped else zero
-    if capped:
-        m = cap * fast_tanh(m * inv_cap)
     has_w = w.size > 0
     s = zero
     sm = zero
@@ -67,6 +61,65 @@ def row_stats(x, cap, w, smooth):
         if smooth:
             d = exact_sub(m, v)  # a leaf that ``reassoc`` cannot merge into the sum
             sm += w[j] * d if has_w else d
+    return s, sm
+
+
+@jit_serial
+def row_stats(x, cap, w, smooth):
+    """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
+
+    Returns ``(m, s, sm)``: the row max ``m``, ``s = sum_j exp(xc_j - m)`` and, when
+    ``smooth``, ``sm = sum_j w_j (m - xc_j)`` (``w_j = 1`` when ``w`` is empty). ``sm`` is
+    accumulated relative to ``m`` so that a large common offset (1e5) does not cancel.
+
+    One pass over memory (online softmax over blocks of STATS_BLOCK logits):
+    1. the block's max (an integer max: vectorized), from memory;
+    2. if it raises the running max m, rescale what was summed so far:
+       s *= exp(m_old - m_new) and sm += (m_new - m_old) * (weight summed so far);
+    3. the block's sums relative to m, from L1.
+    The exp in 3 is the cost; while it runs, the hardware prefetcher streams the next
+    block in, so memory and arithmetic overlap (a whole-row max pass and then a sum pass
+    would take their sum: 1.6x a read of the logits instead of 1.3x here).
+    Leading blocks that are all ``-inf`` (masked vocabulary) are summed at the end against
+    the final max, exactly as a two-pass computation would (exp(-inf - m) = 0, and
+    sm gets its +inf). tanh is monotone, so the capped max is the cap of the raw max.
+    """
+    zero = as_dtype_of(x, 0)
+    capped = cap > zero
+    inv_cap = as_dtype_of(x, 1) / cap if capped else zero
+    has_w = w.size > 0
+    n = x.size
+    m = as_dtype_of(x, -np.inf)
+    s = zero
+    sm = zero
+    seen = zero  # weight of the entries in s and sm
+    live = -1  # start of the first block whose max is above -inf
+    for lo in range(0, n, STATS_BLOCK):
+        hi = min(lo + STATS_BLOCK, n)
+        mb = row_max(x[lo:hi])
+        if capped:
+            mb = cap * fast_tanh(mb * inv_cap)
+        if mb > m or mb != mb:  # a NaN max (a NaN logit) makes m NaN, as a whole-row max does
+            if live >= 0:
+                s *= fast_exp(m - mb)
+                if smooth:
+                    sm += (mb - m) * seen
+            else:
+                live = lo
+            m = mb
+        if live < 0:
+            continue
+        wb = w[lo:hi] if has_w else w
+        bs, bsm = block_sums(x[lo:hi], m, cap, inv_cap, wb, smooth)
+        s += bs
+        sm += bsm
+        if smooth:
+            seen += as_dtype_of(x, np.sum(wb)) if has_w else as_dtype_of(x, hi - lo)
+    if live != 0:  # blocks before the first live one, or the whole row if none is
+        head = n if live < 0 else live
+        bs, bsm = block_sums(x[:head], m, cap, inv_cap, w[:head] if has_w else w, smooth)
+        s += bs
+        sm += bsm
     return m, s, sm
 
 

@@ -16,8 +16,7 @@ import os
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import cgutils, types
+from numba.core import types
 from numba.extending import intrinsic, overload
 
 # Fast-math flags, in two sets. Neither has ``nnan``/``ninf`` (``-inf`` masks vocabulary,
@@ -68,11 +67,12 @@ _LN2_HI = _F32(0.693359375)
 _LN2_LO = _F32(-2.12194440e-4)
 _ROUND_MAGIC = _F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer in the low mantissa bits
 _EXP_LO = _F32(-87.5)  # at and below about -86.98, exp(x) < 2**-125: flushed to 0 (see exp_f32)
-_EXP_HI = _F32(88.72283)  # exp of this is the largest float32; larger x are clamped to it
 # exp(r) = 1 + r + r**2 P(r) on |r| <= ln2/2, P of degree 4: the minimax fit of relative error
 # (a linear program on 4001 points), coefficients rounded to float32 and doubled (see exp_f32).
 # At most 1.3 ulp of float32 in exp_f32's Horner order (Cephes' degree-5 P: 1.7 ulp, one FMA more).
-_EXP_P = tuple(_F32(2 * c) for c in (0.5, 0.166666641831398, 0.04165995121002197, 0.008357353508472443, 0.0014470001915469766))
+_EXP_P = tuple(
+    _F32(2 * c) for c in (0.5, 0.166666641831398, 0.04165995121002197, 0.008357353508472443, 0.0014470001915469766)
+)
 
 
 @intrinsic
@@ -99,33 +99,14 @@ def f32_from_bits(typingctx, x):
     return types.float32(x), codegen
 
 
-@intrinsic
-def prefetch(typingctx, a, i):
-    """Ask the CPU to start loading the cache line of ``a[i]`` (a contiguous 1-D array), and go
-    on: an LLVM ``prefetch`` hint. ``i`` may lie past the end of ``a``: a prefetch never faults.
-    """
-    if not (isinstance(a, types.Array) and a.ndim == 1 and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
-        byte_ptr = builder.bitcast(builder.gep(data, [index]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [byte_ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
-        return context.get_dummy_value()
-
-    return types.void(a, i), codegen
-
-
 @jit_poly
 def exp_f32(x):
-    """exp(x) for float32 x, within 1.3 ulp, vectorizable; exp(-inf) = 0 exactly, NaN stays NaN.
+    """exp(x) for float32 x <= 88.7, within 1.3 ulp, vectorizable; exp(-inf) = 0 exactly, NaN
+    stays NaN. Larger x are outside its domain (up to 89 it gives inf, beyond that garbage).
 
-    About 16 vector instructions an entry, 9 of them FMAs; the kernels call it on
-    ``x - max <= 0`` for every logit, so its length is the forward pass's compute time.
+    The kernels call it on ``x - max <= 0`` for every logit, so its length is the forward
+    pass's compute time: 15 vector instructions an entry, 9 of them FMAs. Leaving out the
+    clamp at the top, which that domain never needs, made it 15% faster.
 
     1. Split x = n*ln2 + r with n = round(x / ln2) and |r| <= ln2/2: the FMA rounds
        ``x*log2e + 1.5*2**23`` once, which leaves n in the low mantissa bits of ``t``;
@@ -133,12 +114,11 @@ def exp_f32(x):
     2. exp(r) = 1 + r (1 + r P(r)) (degree 6 minimax), evaluated doubled, as 2 exp(r).
     3. Multiply by 2**(n-1), built in the exponent bits: n - 1 + 127 = n + 126 fits the
        exponent field for every n in [-126, 128], so one factor covers the whole range up
-       to overflow. Below about -86.98 (n = -126) the factor's exponent field is 0, the
+       to overflow (n = 129 makes the factor inf). Below about -86.98 (n = -126) the factor's exponent field is 0, the
        factor is 0.0, and so is the result: exp(x) < 2**-125 is flushed without a branch,
-       -inf included (clamped to -87.5 first). NaN passes both clamps and stays NaN.
+       -inf included (clamped to -87.5 first). NaN passes the clamp and stays NaN.
     """
     xc = _EXP_LO if x < _EXP_LO else x
-    xc = _EXP_HI if xc > _EXP_HI else xc
     t = xc * _LOG2E + _ROUND_MAGIC
     n = t - _ROUND_MAGIC
     r = xc - n * _LN2_HI
@@ -185,7 +165,8 @@ def tanh_f32(x):
 
 
 def fast_exp(x):
-    """exp in the accumulation type: the polynomial for float32, math.exp for float64."""
+    """exp in the accumulation type: the polynomial for float32 (``x <= 88.7``: the kernels
+    pass ``x - max <= 0``), math.exp for float64."""
     return math.exp(x)
 
 

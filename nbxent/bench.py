@@ -1,10 +1,12 @@
 """``nbxent bench``: nbxent against the machine's memory floor and its peers, side by side.
 
 Every figure is the median of several timed calls in this one process, after a warm-up call
-(compilation is never timed). The floor for a pass that reads the logits and writes a
-gradient is one copy of the logits (``np.copyto``: the same bytes read and written); for the
-loss alone it is one parallel read of the logits. Peers: a vectorized NumPy implementation
-and, when importable, PyTorch's ``F.cross_entropy`` forward+backward on the same thread count.
+(compilation is never timed). The calls are made round-robin, one of each operation per
+round, so that drift of a shared machine falls on the floors and on nbxent alike. The floor
+for a pass that reads the logits and writes a gradient is one copy of the logits
+(``np.copyto``: the same bytes read and written); for the loss alone it is one parallel read
+of the logits. Peers: a vectorized NumPy implementation and, when importable, PyTorch's
+``F.cross_entropy`` forward+backward on the same thread count.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def run(
     rows: list[Row] = []
     rng = np.random.default_rng(0)
     with_numpy = with_numpy and dtype in ("float32", "float64")
-    steps = len(shapes) * (5 + with_numpy + (torch is not None))
+    steps = len(shapes) * (1 + with_numpy)
     step = 0
 
     def say(what: str) -> None:
@@ -126,35 +128,37 @@ def run(
     return rows
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, in milliseconds, timed round-robin: every round
+    calls each function once, so a slow spell of the machine (another tenant's memory
+    traffic) falls on all of them alike and their ratios stay meaningful."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
 def _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say) -> list[Row]:
     """Rows for one shape: the floors, nbxent's three operations, and the peers."""
     label = f"{shape[0]}x{shape[1]}"
     x = _logits(shape, dtype, rng)
     t = rng.integers(0, shape[1], shape[0])
     out = np.empty_like(x)
+    work = x.copy()
     bits = x.view(np.uint16) if x.itemsize == 2 else x  # 16-bit floors read the raw bits
     sink = np.empty(shape[0], np.float64)
-    # warm-ups: compile and touch every buffer once
-    _read_pass(bits, sink)
-    api.cross_entropy(x, t)
-    api.cross_entropy_with_grad(x, t, out=out)
-    np.copyto(out, x)
-
-    say(f"{label} copy floor")
-    copy_ms = median_ms(lambda: np.copyto(out, x), repeats)
-    say(f"{label} read floor")
-    read_ms = median_ms(lambda: _read_pass(bits, sink), repeats)
-    say(f"{label} nbxent forward")
-    fwd = median_ms(lambda: api.cross_entropy(x, t), repeats)
-    say(f"{label} nbxent forward+backward")
-    fwdbwd = median_ms(lambda: api.cross_entropy_with_grad(x, t, out=out), repeats)
-    say(f"{label} nbxent forward+backward in place")
-    work = x.copy()
-    api.cross_entropy_with_grad(work, t, out=work)
-    inplace = median_ms(lambda: api.cross_entropy_with_grad(work, t, out=work), repeats)
-    torch_ms = None
-    if torch is not None:
-        say(f"{label} PyTorch forward+backward")
+    ops = {
+        "copy": lambda: np.copyto(out, x),
+        "read": lambda: _read_pass(bits, sink),
+        "forward": lambda: api.cross_entropy(x, t),
+        "fwdbwd": lambda: api.cross_entropy_with_grad(x, t, out=out),
+        # in place: the buffer holds a gradient after the first call, as in a training step
+        "inplace": lambda: api.cross_entropy_with_grad(work, t, out=work),
+    }
+    if torch is not None:  # PyTorch in the same rounds, on the same thread count
         tx = torch.from_numpy(x.astype(np.float32) if x.itemsize == 2 else x)
         if dtype in ("float16", "bfloat16"):
             tx = tx.to(getattr(torch, dtype))
@@ -164,15 +168,20 @@ def _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say) -> list[Row]
             leaf = tx.detach().requires_grad_()
             torch.nn.functional.cross_entropy(leaf, tt).backward()
 
-        torch_step()
-        torch_ms = median_ms(torch_step, max(3, repeats // 2))
+        ops["torch"] = torch_step
+    for fn in ops.values():  # warm-up: compile, and touch every buffer once
+        fn()
+    say(f"{label}: floors, nbxent{', PyTorch' if torch is not None else ''}: {repeats} rounds")
+    ms = interleaved_ms(ops, repeats)
+    torch_ms = ms.get("torch")
     nbytes = x.nbytes
+    copy_ms, read_ms = ms["copy"], ms["read"]
     rows = [
         Row(shape, dtype, "copy (floor)", copy_ms, 2 * nbytes, copy_ms),
         Row(shape, dtype, "read (floor)", read_ms, nbytes, read_ms),
-        Row(shape, dtype, "forward", fwd, nbytes, read_ms),
-        Row(shape, dtype, "forward+backward", fwdbwd, 2 * nbytes, copy_ms, torch_ms),
-        Row(shape, dtype, "forward+backward in place", inplace, 2 * nbytes, copy_ms, torch_ms),
+        Row(shape, dtype, "forward", ms["forward"], nbytes, read_ms),
+        Row(shape, dtype, "forward+backward", ms["fwdbwd"], 2 * nbytes, copy_ms, torch_ms),
+        Row(shape, dtype, "forward+backward in place", ms["inplace"], 2 * nbytes, copy_ms, torch_ms),
     ]
     if with_numpy:
         say(f"{label} NumPy forward+backward")
