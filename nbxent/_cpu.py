@@ -19,6 +19,7 @@ import numba
 import numpy as np
 
 from ._jit import (
+    LOWEST_KEY,
     as_dtype_of,
     bf16_to_f32,
     exact_sub,
@@ -27,11 +28,14 @@ from ._jit import (
     f32_to_f16,
     fast_exp,
     fast_tanh,
+    from_sort_key,
     jit_inline,
     jit_kernel,
+    jit_poly,
     jit_reduce,
     jit_serial,
     row_max,
+    sort_key,
 )
 
 HALF_F16, HALF_BF16 = 1, 2
@@ -124,14 +128,13 @@ def row_stats(x, cap, w, smooth):
 
 
 @jit_reduce
-def row_stats_store(x, g, in_place, w, smooth):
-    """``row_stats`` without soft-capping that also stores ``g_j = exp(x_j - m)``.
+def block_store(x, g, in_place, m, w, smooth):
+    """``g_j = exp(x_j - m)`` over one block; returns the block's ``(s, sm)`` as ``block_sums``.
 
     With ``in_place`` (``g`` is ``x``) the loop names only ``g``, so LLVM sees one pointer
     and vectorizes it (two names for the same memory would take its scalar fallback).
     """
     zero = as_dtype_of(x, 0)
-    m = row_max(x)
     has_w = w.size > 0
     s = zero
     sm = zero
@@ -153,7 +156,65 @@ def row_stats_store(x, g, in_place, w, smooth):
             if smooth:
                 d = exact_sub(m, v)
                 sm += w[j] * d if has_w else d
+    return s, sm
+
+
+@jit_serial
+def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
+    """``row_stats`` without soft-capping, in the same one pass over blocks, that also stores
+    ``g_j = exp(x_j - m_k)`` with ``m_k`` the running max when block ``k`` was read; ``m_k``
+    goes to ``block_m[k]``, and the gradient sweep scales block ``k`` by ``exp(m_k - m)``
+    (exactly 1, and skipped, for every block after the one that holds the max).
+
+    A non-empty ``src16`` holds the row as 16-bit bits (format ``half``): each block is
+    widened into ``g`` (float32 scratch, ``x`` is ``g``) just before it is used, so the
+    16-bit row is read once, in step with the arithmetic.
+    """
+    zero = as_dtype_of(x, 0)
+    has_w = w.size > 0
+    n = x.size
+    m = as_dtype_of(x, -np.inf)
+    s = zero
+    sm = zero
+    seen = zero
+    live = -1  # start of the first block whose max is above -inf (see row_stats)
+    for lo in range(0, n, STATS_BLOCK):
+        hi = min(lo + STATS_BLOCK, n)
+        if src16.size > 0:
+            mb = as_dtype_of(x, widen_row_max(src16[lo:hi], g[lo:hi], half))
+        else:
+            mb = row_max(g[lo:hi] if in_place else x[lo:hi])
+        if mb > m or mb != mb:
+            if live >= 0:
+                s *= fast_exp(m - mb)
+                if smooth:
+                    sm += (mb - m) * seen
+            else:
+                live = lo
+            m = mb
+        block_m[lo // STATS_BLOCK] = m
+        if live < 0:
+            continue
+        wb = w[lo:hi] if has_w else w
+        bs, bsm = block_store(x[lo:hi], g[lo:hi], in_place, m, wb, smooth)
+        s += bs
+        sm += bsm
+        if smooth:
+            seen += as_dtype_of(x, np.sum(wb)) if has_w else as_dtype_of(x, hi - lo)
+    if live != 0:  # leading all--inf blocks: stored against the final max, as exp(-inf - m) = 0
+        head = n if live < 0 else live
+        bs, bsm = block_store(x[:head], g[:head], in_place, m, w[:head] if has_w else w, smooth)
+        s += bs
+        sm += bsm
+        block_m[: (head + STATS_BLOCK - 1) // STATS_BLOCK] = m
     return m, s, sm
+
+
+@jit_serial
+def block_factor(a, block_m, k, m):
+    """``a`` for the entries of block ``k``, stored as exp(x - m_k): ``a exp(m_k - m)``."""
+    mk = block_m[k]
+    return a if mk == m else a * fast_exp(mk - m)
 
 
 @jit_serial
@@ -168,8 +229,33 @@ def rescale_grad(g, a, b, w):
             g[j] = a * g[j] - b
 
 
+@jit_poly
+def rescale_narrow(g, out, a, b, w, half):
+    """``out_j = 16-bit(a g_j - b w_j)``: ``rescale_grad`` and ``narrow_row`` in one sweep."""
+    has_w = w.size > 0
+    # (np.float32 casts are no-ops: ``g`` is float32 scratch; they let float64 callers compile)
+    if half == HALF_BF16:
+        for j in range(g.size):
+            out[j] = f32_to_bf16(np.float32(a * g[j] - (b * w[j] if has_w else b)))
+    else:
+        for j in range(g.size):
+            out[j] = f32_to_f16(np.float32(a * g[j] - (b * w[j] if has_w else b)))
+
+
 @jit_serial
-def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad):
+def narrow_value(v, half):
+    """One float32 -> 16-bit bits."""
+    return f32_to_bf16(np.float32(v)) if half == HALF_BF16 else f32_to_f16(np.float32(v))
+
+
+@jit_serial
+def widen_value(h, half):
+    """16-bit bits -> one float32."""
+    return bf16_to_f32(h) if half == HALF_BF16 else f16_to_f32(h)
+
+
+@jit_serial
+def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block_m, src16, narrow_to, half):
     """Loss (and gradient into ``g``) of one row whose target ``tgt`` is a valid class.
 
     With ``xc`` the (capped) logits, ``lse = logsumexp(xc)``, ``p = softmax(xc)``, weights
@@ -186,18 +272,24 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad):
     times ``scale`` (grad_output, divided by the weight sum for 'mean'), times the soft-cap
     factor d xc / d x = 1 - (xc / cap)^2. ``g`` may be ``x`` itself (say so with
     ``in_place``): each entry is read before it is written, the target's entry up front.
+    ``block_m`` is scratch for ``row_stats_store`` (one entry per STATS_BLOCK logits).
+
+    16-bit rows (bits in format ``half``): ``x`` and ``g`` are the same float32 scratch row,
+    a non-empty ``src16`` is the row to widen into it block by block (``row_stats_store``),
+    and a non-empty ``narrow_to`` receives the gradient rounded to 16 bits.
     """
     zero = as_dtype_of(x, 0)
     one = as_dtype_of(x, 1)
     n = as_dtype_of(x, x.size)
     capped = cap > zero
     inv_cap = one / cap if capped else zero
-    xt = x[tgt]  # before a sweep may overwrite it
-    # Without soft-capping, the sum sweep stores exp(x_j - m) in g and the gradient sweep
+    # the target's logit, before a sweep may overwrite it
+    xt = as_dtype_of(x, widen_value(src16[tgt], half)) if src16.size > 0 else x[tgt]
+    # Without soft-capping, the sum sweep stores exp(x_j - m_k) in g and the gradient sweep
     # only rescales it: one exp per entry instead of two (exp is the cost on a CPU).
     store = want_grad and not capped
     if store:
-        m, s, sm = row_stats_store(x, g, in_place, w, eps > zero)
+        m, s, sm = row_stats_store(x, g, in_place, w, eps > zero, block_m, src16, half)
     else:
         m, s, sm = row_stats(x, cap, w, eps > zero)
     log_s = math.log(s)
@@ -220,7 +312,21 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad):
     a = scale * ((one - eps) * wt + eps * w_sum / n + as_dtype_of(x, 2) * z * wt * lse) / s
     b = scale * eps / n
     if store:
-        rescale_grad(g, a, b, w)
+        # g holds exp(x_j - m_k): block k is scaled by a exp(m_k - m). A 16-bit output is
+        # rescaled and rounded in one sweep (the scratch is read, not written), its target
+        # entry first, rounded exactly as the float32 steps below would.
+        g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_w else b)
+        for lo in range(0, x.size, STATS_BLOCK):
+            hi = min(lo + STATS_BLOCK, x.size)
+            a_k = block_factor(a, block_m, lo // STATS_BLOCK, m)
+            wb = w[lo:hi] if has_w else w
+            if narrow_to.size > 0:
+                rescale_narrow(g[lo:hi], narrow_to[lo:hi], a_k, b, wb, half)
+            else:
+                rescale_grad(g[lo:hi], a_k, b, wb)
+        if narrow_to.size > 0:
+            narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt, half)
+            return loss, lse
     elif in_place:  # one array argument: LLVM sees no aliasing and vectorizes (3x here)
         write_grad(g, g, m, a, b, w, cap)  # g is x: read through the writable name
     else:
@@ -231,6 +337,8 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad):
         r = xt * inv_cap
         d_t = one - r * r
     g[tgt] -= scale * (one - eps) * wt * d_t
+    if narrow_to.size > 0:
+        narrow_row(g, narrow_to, half)
     return loss, lse
 
 
@@ -280,15 +388,34 @@ def widen_row(src, dst, half):
             dst[j] = f16_to_f32(src[j])
 
 
+@jit_reduce
+def widen_row_max(src, dst, half):
+    """``widen_row`` that also returns the row's max (``row_max``), from the same registers."""
+    m = LOWEST_KEY
+    if half == HALF_BF16:
+        for j in range(src.size):
+            v = bf16_to_f32(src[j])
+            dst[j] = v
+            k = sort_key(v)
+            m = k if k > m else m
+    else:
+        for j in range(src.size):
+            v = f16_to_f32(src[j])
+            dst[j] = v
+            k = sort_key(v)
+            m = k if k > m else m
+    return from_sort_key(m)
+
+
 @jit_serial
 def narrow_row(src, dst, half):
     """float32 row -> 16-bit bits, rounding to nearest even."""
     if half == HALF_BF16:
         for j in range(src.size):
-            dst[j] = f32_to_bf16(src[j])
+            dst[j] = f32_to_bf16(np.float32(src[j]))
     else:
         for j in range(src.size):
-            dst[j] = f32_to_f16(src[j])
+            dst[j] = f32_to_f16(np.float32(src[j]))
 
 
 @jit_serial
@@ -303,6 +430,8 @@ def xent_range(
     ``g`` and ``g_off`` address the same memory as ``x`` and ``x_off``.
     """
     want_grad = scale.size > 0
+    no_16 = np.empty(0, np.uint16)
+    block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, x.dtype)
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
         gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
@@ -314,7 +443,9 @@ def xent_range(
                 gr[:] = fill
             continue
         row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
-        loss[i], lse[i] = xent_row(xr, gr, in_place, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad)
+        loss[i], lse[i] = xent_row(
+            xr, gr, in_place, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad, block_m, no_16, no_16, 0
+        )
 
 
 @jit_serial
@@ -322,11 +453,13 @@ def xent_range_16(
     lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, loss, lse
 ):
     """``xent_range`` for 16-bit logits given as uint16 bits (``half`` says which format),
-    accumulating in float32: each row is widened into a scratch row, processed in place
-    there, and the gradient narrowed back into ``g``.
+    accumulating in float32 in a scratch row: the fused path widens each block into it as
+    it goes and narrows the gradient straight into ``g`` (``xent_row``); the others widen the
+    row first.
     """
     want_grad = scale.size > 0
     scratch = np.empty(n_cols, dtype=np.float32)
+    block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, np.float32)
     for i in range(lo, hi):
         fill = skip_value(targets[i], ignore_index, n_cols)
         if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
@@ -336,11 +469,16 @@ def xent_range_16(
                 scratch[:] = fill
                 narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
             continue
-        widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        src16 = xr
+        if not want_grad or cap > 0:  # no stored exp: the sweeps need the whole row widened
+            widen_row(xr, scratch, half)
+            src16 = xr[:0]
         row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
-        loss[i], lse[i] = xent_row(scratch, scratch, True, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad)
-        if want_grad:
-            narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
+        gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
+        loss[i], lse[i] = xent_row(
+            scratch, scratch, True, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad, block_m, src16, gr, half
+        )
 
 
 # The parallel kernels split rows 0..n_rows into ``tasks`` contiguous ranges (a few per

@@ -16,6 +16,7 @@ import os
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
@@ -43,8 +44,8 @@ _OPTIONS = {"cache": CACHE, "error_model": "numpy"}  # "numpy": no ZeroDivisionE
 
 # Small helpers, left to LLVM to inline; each keeps its own (exact) flags there.
 jit_helper = functools.partial(numba.njit, fastmath=FASTMATH, **_OPTIONS)
-# Polynomials (exp, tanh): ``contract`` fuses each multiply-add into one FMA, which halves
-# their instruction count and rounds once instead of twice.
+# Polynomials (exp, tanh) and the 16-bit gradient sweep: ``contract`` fuses each multiply-add
+# into one FMA, which halves their instruction count and rounds once instead of twice.
 jit_poly = functools.partial(numba.njit, fastmath=FASTMATH | {"contract"}, **_OPTIONS)
 # Sweeps inlined by Numba itself (taking the caller's flags), so that a call passing the same
 # array twice compiles to a loop over one pointer (see ``_cpu.write_grad``).
@@ -62,6 +63,9 @@ def overload_helper(func):
 
 
 _F32 = np.float32
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_F32_IR = ir.FloatType()
 _LOG2E = _F32(1.4426950408889634)
 _LN2_HI = _F32(0.693359375)
 _LN2_LO = _F32(-2.12194440e-4)
@@ -191,63 +195,98 @@ def _fast_tanh_impl(x):
 
 # 16-bit storage formats. NumPy's float16 and ml_dtypes' bfloat16 arrays are viewed as
 # uint16 before they reach Numba (which has no CPU float16), and converted here with integer
-# bit operations that vectorize.
-_HALF_TO_F32_SCALE = np.int32(0x77800000)  # the float32 2**112: moves a half exponent to float32
+# bit operations that vectorize. They are written as LLVM IR: Numba widens every integer
+# operation to 64 bits, which halves the SIMD lanes (the bfloat16 narrowing ran 2x slower).
 
 
-@jit_helper
-def bf16_to_f32(b):
-    """bfloat16 bits -> float32: bfloat16 is the top half of a float32."""
-    return f32_from_bits(np.int32(np.int32(b) << 16))
+def _u32(n):
+    return ir.Constant(_I32, n & 0xFFFFFFFF)
 
 
-@jit_helper
-def f32_to_bf16(x):
-    """float32 -> bfloat16 bits, rounding to nearest even; NaN stays a quiet NaN."""
-    # Every step is cast back to 32 bits: Numba widens integer arithmetic to 64 bits, and a
-    # 64-bit select would halve the SIMD lanes (3x slower here).
-    u = np.uint32(f32_bits(x))
-    rounded = np.uint32(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-    quiet_nan = np.uint32((u >> np.uint32(16)) | np.uint32(0x40))
-    return np.uint16(quiet_nan if x != x else rounded)
+def _f32_of(b, bits):
+    return b.bitcast(bits, _F32_IR)
 
 
-@jit_helper
-def f16_to_f32(h):
-    """IEEE half bits -> float32, exact for normals, subnormals, inf and NaN.
+@intrinsic
+def bf16_to_f32(typingctx, h):
+    """bfloat16 bits (uint16) -> float32: bfloat16 is the top half of a float32."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, b, sig, args):
+        return _f32_of(b, b.shl(b.zext(args[0], _I32), _u32(16)))
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_to_bf16(typingctx, x):
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even; NaN stays a quiet NaN."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, b, sig, args):
+        u = b.bitcast(args[0], _I32)
+        top = b.lshr(u, _u32(16))
+        odd = b.and_(top, _u32(1))
+        rounded = b.lshr(b.add(b.add(u, _u32(0x7FFF)), odd), _u32(16))
+        quiet_nan = b.or_(top, _u32(0x40))
+        is_nan = b.fcmp_unordered("uno", args[0], args[0])
+        return b.trunc(b.select(is_nan, quiet_nan, rounded), _I16)
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def f16_to_f32(typingctx, h):
+    """IEEE half bits (uint16) -> float32, exact for normals, subnormals, inf and NaN.
 
     Shift exponent and mantissa into float32 position, then multiply by 2**112 to rebias
     the exponent; this also normalizes half subnormals. Inf/NaN get an all-ones exponent.
     """
-    hi = np.int32(h)
-    em = np.int32((hi & 0x7FFF) << 13)
-    sign = np.int32((hi & 0x8000) << 16)
-    finite = f32_bits(f32_from_bits(em) * f32_from_bits(_HALF_TO_F32_SCALE))
-    special = np.int32(em | 0x7F800000)
-    bits = special if em >= np.int32(0x7C00 << 13) else finite
-    return f32_from_bits(np.int32(bits | sign))
+    if h != types.uint16:
+        return None
+
+    def codegen(context, b, sig, args):
+        hi = b.zext(args[0], _I32)
+        em = b.shl(b.and_(hi, _u32(0x7FFF)), _u32(13))
+        sign = b.shl(b.and_(hi, _u32(0x8000)), _u32(16))
+        scaled = b.fmul(_f32_of(b, em), _f32_of(b, _u32(0x77800000)))  # * 2**112
+        finite = b.bitcast(scaled, _I32)
+        special = b.or_(em, _u32(0x7F800000))
+        is_special = b.icmp_unsigned(">=", em, _u32(0x7C00 << 13))
+        return _f32_of(b, b.or_(b.select(is_special, special, finite), sign))
+
+    return types.float32(types.uint16), codegen
 
 
-@jit_helper
-def f32_to_f16(x):
-    """float32 -> IEEE half bits, rounding to nearest even (F. Giesen's branch-free method).
+@intrinsic
+def f32_to_f16(typingctx, x):
+    """float32 -> IEEE half bits (uint16), rounding to nearest even (F. Giesen's branch-free
+    method).
 
     Three cases computed together and selected, so the loop vectorizes: overflow to inf
     (NaN to a quiet NaN); a half subnormal, rounded by adding a magic float whose ulp is the
     half subnormal step; a normal half, rebiased and rounded with integer arithmetic.
     """
-    u = np.uint32(f32_bits(x))
-    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
-    a = np.uint32(u & np.uint32(0x7FFFFFFF))
-    big = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
-    magic = f32_from_bits(np.int32(126 << 23))  # 0.5: its ulp is the half subnormal step
-    sub = np.uint32(np.uint32(f32_bits(f32_from_bits(np.int32(a)) + magic)) - np.uint32(126 << 23))
-    odd = (a >> np.uint32(13)) & np.uint32(1)
-    norm = np.uint32(a + np.uint32(((15 - 127) << 23) & 0xFFFFFFFF) + np.uint32(0xFFF) + odd) >> np.uint32(13)
-    r = norm
-    r = sub if a < np.uint32(113 << 23) else r
-    r = big if a >= np.uint32((127 + 16) << 23) else r
-    return np.uint16(r | sign)
+    if x != types.float32:
+        return None
+
+    def codegen(context, b, sig, args):
+        u = b.bitcast(args[0], _I32)
+        sign = b.and_(b.lshr(u, _u32(16)), _u32(0x8000))
+        a = b.and_(u, _u32(0x7FFFFFFF))
+        is_nan = b.icmp_unsigned(">", a, _u32(0x7F800000))
+        big = b.select(is_nan, _u32(0x7E00), _u32(0x7C00))
+        magic = _u32(126 << 23)  # 0.5: its ulp is the half subnormal step
+        sub = b.sub(b.bitcast(b.fadd(_f32_of(b, a), _f32_of(b, magic)), _I32), magic)
+        odd = b.and_(b.lshr(a, _u32(13)), _u32(1))
+        norm = b.lshr(b.add(b.add(b.add(a, _u32((15 - 127) << 23)), _u32(0xFFF)), odd), _u32(13))
+        r = b.select(b.icmp_unsigned("<", a, _u32(113 << 23)), sub, norm)
+        r = b.select(b.icmp_unsigned(">=", a, _u32((127 + 16) << 23)), big, r)
+        return b.trunc(b.or_(r, sign), _I16)
+
+    return types.uint16(types.float32), codegen
 
 
 def row_max(x):
@@ -255,18 +294,34 @@ def row_max(x):
     return np.max(x)
 
 
+# LLVM vectorizes a float max reduction only without NaNs; mapping the float bits to
+# integers that sort the same way gives an integer max, which vectorizes (10x here).
+@jit_helper
+def sort_key(v):
+    """An int32 that orders float32 values as they order (sign-magnitude to two's complement)."""
+    b = f32_bits(v)
+    return np.int32(b ^ ((b >> 31) & np.int32(0x7FFFFFFF)))
+
+
+@jit_helper
+def from_sort_key(k):
+    """The float32 whose ``sort_key`` is ``k`` (the map is its own inverse)."""
+    return f32_from_bits(np.int32(k ^ ((k >> 31) & np.int32(0x7FFFFFFF))))
+
+
+LOWEST_KEY = np.int32(-2147483648)
+
+
 @overload_helper(row_max)
 def _row_max_impl(x):
     if x.dtype == types.float32:
-        # LLVM vectorizes a float max reduction only without NaNs; mapping the float bits to
-        # integers that sort the same way gives an integer max, which vectorizes (10x here).
+
         def impl(x):
-            m = np.int32(-2147483648)
+            m = LOWEST_KEY
             for j in range(x.size):
-                b = f32_bits(x[j])
-                k = np.int32(b ^ ((b >> 31) & np.int32(0x7FFFFFFF)))
+                k = sort_key(x[j])
                 m = k if k > m else m
-            return f32_from_bits(np.int32(m ^ ((m >> 31) & np.int32(0x7FFFFFFF))))
+            return from_sort_key(m)
 
         return impl
 

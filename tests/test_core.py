@@ -295,6 +295,38 @@ class TestCorners:
             np.testing.assert_allclose(got, ref.cross_entropy(masked, np.array([0]), **opts)[0], rtol=1e-6)
         assert nx.logsumexp(masked)[0] == -np.inf
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+    @pytest.mark.parametrize("options", [{}, {"weight": "random", "label_smoothing": 0.2}])
+    def test_gradient_across_blocks(self, dtype, options):
+        """The fused kernel stores exp(x - m_k) with m_k the running max of block k and scales
+        block k by exp(m_k - m) at the end: targets and maxima in every block, fused and in
+        place, against the reference; 16-bit rows are widened block by block."""
+        from nbxent._cpu import STATS_BLOCK
+
+        rng = np.random.default_rng()
+        n = 3 * STATS_BLOCK + 7
+        base = (rng.standard_normal(n) * 3).astype(dtype)
+        rows = np.tile(base, (5, 1))
+        rows[0] = np.sort(base)  # the max rises in every block
+        rows[1, : 2 * STATS_BLOCK + 5] = -np.inf  # masked leading blocks
+        rows[2, 3] = 12  # the max in the first block
+        rows[3, -2] = 12  # the max in the last, short block
+        rows[4] = np.sort(base)[::-1]  # falling: every block after the first has m_k = m
+        targets = np.array([3, n - 2, 2 * STATS_BLOCK + 1, STATS_BLOCK - 1, n - 1])
+        opts = resolve(options, rng, n)
+        loss, grad = check(rows, targets, rng, reduction="sum", **opts)
+        work = rows.copy()
+        loss2, grad2 = nx.cross_entropy_with_grad(work, targets, reduction="sum", out=work, **opts)
+        assert loss2 == loss
+        np.testing.assert_array_equal(grad2.view(np.uint8), grad.view(np.uint8))
+        if not opts:  # masked entries: probability exactly 0 (smoothing adds -eps w_j / V)
+            assert np.all(grad[1, : 2 * STATS_BLOCK + 5].astype(np.float32) == 0)
+        special = rows[:2].copy()
+        special[0, -5] = np.nan
+        special[1, -5] = np.inf
+        loss, grad = nx.cross_entropy_with_grad(special, targets[:2], reduction="none", **opts)
+        assert np.isnan(loss).all() and np.isnan(grad.astype(np.float32)).all()
+
     def test_softcap_saturates_infinite_logits(self):
         logits = np.array([[np.inf, 0.0, -np.inf]], np.float32)
         loss, grad = nx.cross_entropy_with_grad(logits, np.array([1]), softcap=2.0, reduction="none")

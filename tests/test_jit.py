@@ -1,0 +1,123 @@
+"""The scalar helpers every CPU kernel inlines, against NumPy: exp and tanh to a stated number
+of ulp over their whole domain, and the 16-bit conversions bit for bit."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from nbxent import _jit
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+
+def _elementwise(helper, out_dtype):
+    @numba.njit
+    def apply(x):
+        out = np.empty(x.size, out_dtype)
+        for i in range(x.size):
+            out[i] = helper(x[i])
+        return out
+
+    return apply
+
+
+exp_f32 = _elementwise(_jit.exp_f32, np.float32)
+tanh_f32 = _elementwise(_jit.tanh_f32, np.float32)
+bf16_to_f32 = _elementwise(_jit.bf16_to_f32, np.float32)
+f16_to_f32 = _elementwise(_jit.f16_to_f32, np.float32)
+f32_to_bf16 = _elementwise(_jit.f32_to_bf16, np.uint16)
+f32_to_f16 = _elementwise(_jit.f32_to_f16, np.uint16)
+
+
+def ulp_error(got, x, fn):
+    want = fn(x.astype(np.float64))
+    return np.abs(got.astype(np.float64) - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+
+
+def every_float32_between(lo, hi, step):
+    """Every ``step``-th float32 in [lo, hi] by bit pattern: a dense sweep of all binades."""
+    a, b = np.array([lo, hi], np.float32).view(np.int32)
+    if lo < 0 <= hi:  # the negative half runs backwards in bits
+        neg = np.arange(np.float32(-0.0).view(np.int32), a + 1, step, dtype=np.int64)
+        pos = np.arange(0, b + 1, step, dtype=np.int64)
+        return np.concatenate([neg, pos]).astype(np.int32).view(np.float32)
+    lo_bits, hi_bits = min(a, b), max(a, b)
+    return np.arange(lo_bits, hi_bits + 1, step, dtype=np.int64).astype(np.int32).view(np.float32)
+
+
+class TestExp:
+    def test_within_1_3_ulp_over_its_domain(self):
+        x = every_float32_between(-86.9, 88.7, 97)  # about 22 million arguments
+        err = ulp_error(exp_f32(x), x, np.exp)
+        assert err.max() <= 1.32, x[np.argmax(err)]
+        assert err.mean() < 0.35
+
+    def test_random_arguments_where_the_kernels_call_it(self):
+        rng = np.random.default_rng()
+        x = -np.abs(rng.standard_normal(1_000_000) * 10).astype(np.float32)  # x - max <= 0
+        assert ulp_error(exp_f32(x), x, np.exp).max() <= 1.32
+
+    def test_special_values(self):
+        x = np.array([-np.inf, np.nan, 0.0, -0.0, -87.5, -1e30, 88.72], np.float32)
+        got = exp_f32(x)
+        assert got[0] == 0.0  # masked logits get probability exactly 0
+        assert np.isnan(got[1])
+        assert got[2] == 1.0 and got[3] == 1.0
+        assert got[4] == 0.0 and got[5] == 0.0  # below 2**-125: flushed to 0
+        assert got[6] == np.float32(np.exp(np.float64(np.float32(88.72))))  # near the top: 3.39e38
+
+    def test_flushes_only_below_2_to_the_minus_125(self):
+        x = every_float32_between(-87.5, -86.0, 1)
+        got = exp_f32(x)
+        assert np.all(got[x < -87.0] == 0)  # exp < 2**-125.5
+        kept = x > -86.97  # exp > 2**-125.48
+        assert ulp_error(got[kept], x[kept], np.exp).max() <= 1.32
+
+
+def test_tanh_within_5_ulp_and_saturating():
+    x = every_float32_between(-10.0, 10.0, 211)
+    x = x[np.abs(x) > 1e-30]
+    err = ulp_error(tanh_f32(x), x, np.tanh)
+    assert err.max() <= 5, x[np.argmax(err)]
+    ends = tanh_f32(np.array([9.0, -9.0, np.inf, -np.inf, 1e30], np.float32))
+    np.testing.assert_array_equal(ends, [1, -1, 1, -1, 1])
+    assert np.isnan(tanh_f32(np.array([np.nan], np.float32))[0])
+
+
+class TestSixteenBitConversions:
+    """Every one of the 65536 bit patterns one way; a dense float32 sweep the other way."""
+
+    all_bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+
+    def test_bfloat16_to_float32_exhaustive(self):
+        want = self.all_bits.view(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(bf16_to_f32(self.all_bits).view(np.uint32), want.view(np.uint32))
+
+    def test_float16_to_float32_exhaustive(self):
+        want = self.all_bits.view(np.float16).astype(np.float32)
+        got = f16_to_f32(self.all_bits)
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+        assert np.all(np.isnan(got[nan]))
+        # NaN payload and sign survive, as NumPy keeps them
+        np.testing.assert_array_equal(got[nan].view(np.uint32) >> 13, want[nan].view(np.uint32) >> 13)
+
+    @pytest.mark.parametrize("name", ["bfloat16", "float16"])
+    def test_float32_to_16_bit_rounds_to_nearest_even(self, name):
+        dtype = ml_dtypes.bfloat16 if name == "bfloat16" else np.float16
+        narrow = f32_to_bf16 if name == "bfloat16" else f32_to_f16
+        rng = np.random.default_rng()
+        # every float32 near every 16-bit value (ties included), and random bit patterns
+        wide = self.all_bits.view(dtype).astype(np.float32).view(np.uint32).astype(np.int64)
+        near = (wide[:, None] + np.arange(-3, 4)).reshape(-1)
+        ties = wide + (1 << (15 if name == "bfloat16" else 12))
+        bits = np.concatenate([near, ties, rng.integers(0, 2**32, 2_000_000)]) & 0xFFFFFFFF
+        x = bits.astype(np.uint32).view(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = x.astype(dtype)
+        got = narrow(x).view(dtype)
+        nan = np.isnan(want.astype(np.float32))
+        np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+        assert np.all(np.isnan(got[nan].astype(np.float32)))  # quiet NaN, never inf
