@@ -166,9 +166,10 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
     goes to ``block_m[k]``, and the gradient sweep scales block ``k`` by ``exp(m_k - m)``
     (exactly 1, and skipped, for every block after the one that holds the max).
 
-    A non-empty ``src16`` holds the row as 16-bit bits (format ``half``): each block is
-    widened into ``g`` (float32 scratch, ``x`` is ``g``) just before it is used, so the
-    16-bit row is read once, in step with the arithmetic.
+    A non-empty ``src16`` holds the row as 16-bit bits (format ``half``; ``x`` is ``g``, a
+    float32 scratch row): each block is widened into a block buffer that stays in L1 just
+    before it is used, so the 16-bit row is read once, in step with the arithmetic, and the
+    scratch row is written once an entry (widening into it as well cost 1.5x more time).
     """
     zero = as_dtype_of(x, 0)
     has_w = w.size > 0
@@ -178,10 +179,12 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
     sm = zero
     seen = zero
     live = -1  # start of the first block whose max is above -inf (see row_stats)
+    wide = src16.size > 0
+    buf = np.empty(STATS_BLOCK if wide else 0, g.dtype)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
-        if src16.size > 0:
-            mb = as_dtype_of(x, widen_row_max(src16[lo:hi], g[lo:hi], half))
+        if wide:
+            mb = as_dtype_of(x, widen_row_max(src16[lo:hi], buf[: hi - lo], half))
         else:
             mb = row_max(g[lo:hi] if in_place else x[lo:hi])
         if mb > m or mb != mb:
@@ -194,9 +197,14 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
             m = mb
         block_m[lo // STATS_BLOCK] = m
         if live < 0:
+            if wide:  # kept for the fix-up after the loop
+                g[lo:hi] = buf[: hi - lo]
             continue
         wb = w[lo:hi] if has_w else w
-        bs, bsm = block_store(x[lo:hi], g[lo:hi], in_place, m, wb, smooth)
+        if wide:
+            bs, bsm = block_store(buf[: hi - lo], g[lo:hi], False, m, wb, smooth)
+        else:
+            bs, bsm = block_store(x[lo:hi], g[lo:hi], in_place, m, wb, smooth)
         s += bs
         sm += bsm
         if smooth:
