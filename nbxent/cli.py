@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import sys
 from importlib import metadata
@@ -97,7 +98,12 @@ def bench(args: argparse.Namespace) -> str:
     if not args.no_first_call:
         progress("first call in a fresh process (cold compile, then warm cache)")
         cold, warm = b.first_call_seconds()
-        out += ["", f"first call in a new process (import + fused float32 call): cold {cold:.2f} s, warm {warm:.2f} s"]
+        scipy = importlib.util.find_spec("scipy") is not None
+        out += [
+            "",
+            f"first call in a new process (import + fused float32 call): cold {cold:.2f} s, "
+            f"warm {warm:.2f} s (median of 5){' (SciPy installed: Numba imports it, +0.25 s)' if scipy else ''}",
+        ]
     return "\n".join(out)
 
 
