@@ -114,7 +114,7 @@ def run(
     rows: list[Row] = []
     rng = np.random.default_rng(0)
     with_numpy = with_numpy and dtype in ("float32", "float64")
-    steps = len(shapes) * (1 + with_numpy)
+    steps = len(shapes) * (1 + with_numpy + (torch is not None))
     step = 0
 
     def say(what: str) -> None:
@@ -158,7 +158,15 @@ def _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say) -> list[Row]
         # in place: the buffer holds a gradient after the first call, as in a training step
         "inplace": lambda: api.cross_entropy_with_grad(work, t, out=work),
     }
-    if torch is not None:  # PyTorch in the same rounds, on the same thread count
+    for fn in ops.values():  # warm-up: compile, and touch every buffer once
+        fn()
+    say(f"{label}: floors and nbxent, {repeats} rounds")
+    ms = interleaved_ms(ops, repeats)
+    torch_ms = None
+    if torch is not None:
+        # Timed apart, after nbxent: PyTorch's OpenMP threads spin for a while after each
+        # call, and in the same rounds they took the cores from the next figures (+30%).
+        say(f"{label}: PyTorch forward+backward")
         tx = torch.from_numpy(x.astype(np.float32) if x.itemsize == 2 else x)
         if dtype in ("float16", "bfloat16"):
             tx = tx.to(getattr(torch, dtype))
@@ -168,12 +176,9 @@ def _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say) -> list[Row]
             leaf = tx.detach().requires_grad_()
             torch.nn.functional.cross_entropy(leaf, tt).backward()
 
-        ops["torch"] = torch_step
-    for fn in ops.values():  # warm-up: compile, and touch every buffer once
-        fn()
-    say(f"{label}: floors, nbxent{', PyTorch' if torch is not None else ''}: {repeats} rounds")
-    ms = interleaved_ms(ops, repeats)
-    torch_ms = ms.get("torch")
+        torch_step()
+        torch_ms = median_ms(torch_step, max(3, repeats // 2))
+        time.sleep(0.5)  # let those threads go idle before the next shape's figures
     nbytes = x.nbytes
     copy_ms, read_ms = ms["copy"], ms["read"]
     rows = [
