@@ -166,7 +166,7 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
     goes to ``block_m[k]``, and the gradient sweep scales block ``k`` by ``exp(m_k - m)``
     (exactly 1, and skipped, for every block after the one that holds the max).
 
-    A non-empty ``src16`` holds the row as 16-bit bits (format ``half``; ``x`` is ``g``, a
+    A ``src16`` that is not None holds the row as 16-bit bits (format ``half``; ``x`` is ``g``, a
     float32 scratch row): each block is widened into a block buffer that stays in L1 just
     before it is used, so the 16-bit row is read once, in step with the arithmetic, and the
     scratch row is written once an entry (widening into it as well cost 1.5x more time).
@@ -179,11 +179,14 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
     sm = zero
     seen = zero
     live = -1  # start of the first block whose max is above -inf (see row_stats)
-    wide = src16.size > 0
-    buf = np.empty(STATS_BLOCK if wide else 0, g.dtype)
+    # (``src16 is None`` tests are resolved when Numba compiles: the float32 path never
+    # compiles the 16-bit code, which tripled its first compile)
+    buf = g[:0]
+    if src16 is not None:
+        buf = np.empty(STATS_BLOCK, g.dtype)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
-        if wide:
+        if src16 is not None:
             mb = as_dtype_of(x, widen_row_max(src16[lo:hi], buf[: hi - lo], half))
         else:
             mb = row_max(g[lo:hi] if in_place else x[lo:hi])
@@ -197,11 +200,11 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
             m = mb
         block_m[lo // STATS_BLOCK] = m
         if live < 0:
-            if wide:  # kept for the fix-up after the loop
+            if src16 is not None:  # kept for the fix-up after the loop
                 g[lo:hi] = buf[: hi - lo]
             continue
         wb = w[lo:hi] if has_w else w
-        if wide:
+        if src16 is not None:
             bs, bsm = block_store(buf[: hi - lo], g[lo:hi], False, m, wb, smooth)
         else:
             bs, bsm = block_store(x[lo:hi], g[lo:hi], in_place, m, wb, smooth)
@@ -283,8 +286,8 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
     ``block_m`` is scratch for ``row_stats_store`` (one entry per STATS_BLOCK logits).
 
     16-bit rows (bits in format ``half``): ``x`` and ``g`` are the same float32 scratch row,
-    a non-empty ``src16`` is the row to widen into it block by block (``row_stats_store``),
-    and a non-empty ``narrow_to`` receives the gradient rounded to 16 bits.
+    ``src16`` is the row to widen into it block by block (``row_stats_store``) or None, and
+    ``narrow_to`` receives the gradient rounded to 16 bits; both are None for float rows.
     """
     zero = as_dtype_of(x, 0)
     one = as_dtype_of(x, 1)
@@ -292,7 +295,10 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
     capped = cap > zero
     inv_cap = one / cap if capped else zero
     # the target's logit, before a sweep may overwrite it
-    xt = as_dtype_of(x, widen_value(src16[tgt], half)) if src16.size > 0 else x[tgt]
+    if src16 is not None:
+        xt = as_dtype_of(x, widen_value(src16[tgt], half))
+    else:
+        xt = x[tgt]
     # Without soft-capping, the sum sweep stores exp(x_j - m_k) in g and the gradient sweep
     # only rescales it: one exp per entry instead of two (exp is the cost on a CPU).
     store = want_grad and not capped
@@ -328,11 +334,11 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
             hi = min(lo + STATS_BLOCK, x.size)
             a_k = block_factor(a, block_m, lo // STATS_BLOCK, m)
             wb = w[lo:hi] if has_w else w
-            if narrow_to.size > 0:
+            if narrow_to is not None:
                 rescale_narrow(g[lo:hi], narrow_to[lo:hi], a_k, b, wb, half)
             else:
                 rescale_grad(g[lo:hi], a_k, b, wb)
-        if narrow_to.size > 0:
+        if narrow_to is not None:
             narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt, half)
             return loss, lse
     elif in_place:  # one array argument: LLVM sees no aliasing and vectorizes (3x here)
@@ -345,7 +351,7 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
         r = xt * inv_cap
         d_t = one - r * r
     g[tgt] -= scale * (one - eps) * wt * d_t
-    if narrow_to.size > 0:
+    if narrow_to is not None:
         narrow_row(g, narrow_to, half)
     return loss, lse
 
@@ -438,7 +444,6 @@ def xent_range(
     ``g`` and ``g_off`` address the same memory as ``x`` and ``x_off``.
     """
     want_grad = scale.size > 0
-    no_16 = np.empty(0, np.uint16)
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, x.dtype)
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
@@ -452,7 +457,7 @@ def xent_range(
             continue
         row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
         loss[i], lse[i] = xent_row(
-            xr, gr, in_place, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad, block_m, no_16, no_16, 0
+            xr, gr, in_place, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad, block_m, None, None, 0
         )
 
 
@@ -478,15 +483,24 @@ def xent_range_16(
                 narrow_row(scratch, g[g_off[i] : g_off[i] + n_cols], half)
             continue
         xr = x[x_off[i] : x_off[i] + n_cols]
-        src16 = xr
-        if not want_grad or cap > 0:  # no stored exp: the sweeps need the whole row widened
+        tgt = targets[i]
+        if not want_grad:  # the loss: the whole row widened first
             widen_row(xr, scratch, half)
-            src16 = xr[:0]
-        row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
-        gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
-        loss[i], lse[i] = xent_row(
-            scratch, scratch, True, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad, block_m, src16, gr, half
-        )
+            no_scale = as_dtype_of(loss, 0)
+            loss[i], lse[i] = xent_row(
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, no_scale, False, block_m, None, None, half
+            )
+            continue
+        gr = g[g_off[i] : g_off[i] + n_cols]
+        if cap > 0:  # no stored exp: the sweeps need the whole row widened
+            widen_row(xr, scratch, half)
+            loss[i], lse[i] = xent_row(
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, None, gr, half
+            )
+        else:  # fused: the bits widened block by block as the one pass reads them
+            loss[i], lse[i] = xent_row(
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, xr, gr, half
+            )
 
 
 # The parallel kernels split rows 0..n_rows into ``tasks`` contiguous ranges (a few per
