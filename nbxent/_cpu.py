@@ -90,7 +90,7 @@ def raise_max(m, s, sm, seen, live, mb, lo, smooth):
 
 
 @jit_serial
-def row_stats(x, cap, w, smooth):
+def row_stats(x, cap, w, smooth, src16, half):
     """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
 
     Returns ``(m, s, sm)``: the row max ``m``, ``s = sum_j exp(xc_j - m)`` and, when
@@ -108,6 +108,10 @@ def row_stats(x, cap, w, smooth):
     Leading blocks that are all ``-inf`` (masked vocabulary) are summed at the end against
     the final max, exactly as a two-pass computation would (exp(-inf - m) = 0, and
     sm gets its +inf). tanh is monotone, so the capped max is the cap of the raw max.
+
+    ``src16`` (or None) holds the row as 16-bit bits (format ``half``): each block is
+    widened into an 8 KB buffer that stays in L1 as the pass reaches it (``x`` gives only
+    the float dtype and the row length then).
     """
     zero = as_dtype_of(x, 0)
     capped = cap > zero
@@ -119,25 +123,41 @@ def row_stats(x, cap, w, smooth):
     sm = zero
     seen = zero  # weight of the entries in s and sm
     live = -1  # start of the first block whose max is above -inf
+    buf = x[:0]
+    if src16 is not None:
+        buf = np.empty(STATS_BLOCK, x.dtype)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
-        mb = row_max(x[lo:hi])
+        if src16 is not None:
+            xb = buf[: hi - lo]
+            mb = as_dtype_of(x, widen_row_max(src16[lo:hi], xb, half))
+        else:
+            xb = x[lo:hi]
+            mb = row_max(xb)
         if capped:
             mb = cap * fast_tanh(mb * inv_cap)
         m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
         if live < 0:
             continue
         wb = w[lo:hi] if has_w else w
-        bs, bsm = block_sums(x[lo:hi], m, cap, inv_cap, wb, smooth)
+        bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)
         s += bs
         sm += bsm
         if smooth:
             seen += as_dtype_of(x, np.sum(wb)) if has_w else as_dtype_of(x, hi - lo)
     if live != 0:  # blocks before the first live one, or the whole row if none is
         head = n if live < 0 else live
-        bs, bsm = block_sums(x[:head], m, cap, inv_cap, w[:head] if has_w else w, smooth)
-        s += bs
-        sm += bsm
+        if src16 is not None:  # widened again, a block at a time
+            for lo in range(0, head, STATS_BLOCK):
+                hi = min(lo + STATS_BLOCK, head)
+                widen_row(src16[lo:hi], buf[: hi - lo], half)
+                bs, bsm = block_sums(buf[: hi - lo], m, cap, inv_cap, w[lo:hi] if has_w else w, smooth)
+                s += bs
+                sm += bsm
+        else:
+            bs, bsm = block_sums(x[:head], m, cap, inv_cap, w[:head] if has_w else w, smooth)
+            s += bs
+            sm += bsm
     return m, s, sm
 
 
@@ -312,7 +332,7 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
     if store:
         m, s, sm = row_stats_store(x, g, in_place, w, eps > zero, block_m, src16, half)
     else:
-        m, s, sm = row_stats(x, cap, w, eps > zero)
+        m, s, sm = row_stats(x, cap, w, eps > zero, src16, half)
     log_s = math.log(s)
     lse = m + log_s
     if capped:
@@ -491,11 +511,10 @@ def xent_range_16(
             continue
         xr = x[x_off[i] : x_off[i] + n_cols]
         tgt = targets[i]
-        if not want_grad:  # the loss: the whole row widened first
-            widen_row(xr, scratch, half)
+        if not want_grad:  # the loss: blocks widened as the one pass reaches them
             no_scale = as_dtype_of(loss, 0)
             loss[i], lse[i] = xent_row(
-                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, no_scale, False, block_m, None, None, half
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, no_scale, False, block_m, xr, None, half
             )
             continue
         gr = g[g_off[i] : g_off[i] + n_cols]
@@ -553,7 +572,7 @@ def normalize_row(x, out, in_place, mode):
     A row of all ``-inf`` has lse ``-inf`` and a row holding ``+inf`` has lse ``+inf``, as
     ``torch.logsumexp`` gives; their softmax is NaN, as ``torch.softmax`` gives.
     """
-    m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False)
+    m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False, None, 0)
     if in_place:
         write_normalized(out, out, m, s, mode)  # out is x: read through the writable name
     else:
