@@ -118,12 +118,12 @@ def check_target_range(targets: np.ndarray, n_classes: int, ignore_index: int) -
         )
 
 
-def check_weight(shape: tuple[int, ...], dtype: np.dtype, n_classes: int) -> None:
-    """Class weights must be a real vector of shape (V,)."""
+def check_weight(shape: tuple[int, ...], dtype: np.dtype, n_classes: int, name: str = "weight") -> None:
+    """Class weights (the option ``name``) must be a real vector of shape (V,)."""
     if np.dtype(dtype).kind not in "fiu" or np.dtype(dtype).kind == "b":
-        raise TypeError(f"weight must hold real numbers, got {np.dtype(dtype).name}")
+        raise TypeError(f"{name} must hold real numbers, got {np.dtype(dtype).name}")
     if tuple(shape) != (n_classes,):
-        raise ValueError(f"weight has shape {tuple(shape)}; it needs one entry per class, shape ({n_classes},)")
+        raise ValueError(f"{name} has shape {tuple(shape)}; it needs one entry per class, shape ({n_classes},)")
 
 
 def check_out(shape: tuple[int, ...], dtype: np.dtype, logits_shape: tuple[int, ...], logits_dtype: np.dtype) -> None:

@@ -311,10 +311,7 @@ def _run(device: Device, hidden, weight, targets, opts, bias, chunk_size, class_
     acc = _backend_cpu.acc_dtype(dtype)
     if class_weight is not None:
         class_weight = xp.asarray(class_weight)
-        try:
-            _checks.check_weight(class_weight.shape, class_weight.dtype, n_classes)
-        except (TypeError, ValueError) as e:  # the shared message says "weight", the projection here
-            raise type(e)(f"class_weight: {e}") from None
+        _checks.check_weight(class_weight.shape, class_weight.dtype, n_classes, name="class_weight")
         class_weight = xp.ascontiguousarray(class_weight, dtype=acc)
     if validate:
         _checks.check_target_range(device.to_host(targets), n_classes, opts.ignore_index)

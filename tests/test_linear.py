@@ -509,7 +509,7 @@ def test_bad_class_weight_is_named_class_weight(fn, good):
     h, w, t, _ = good
     raises(
         ValueError,
-        re.escape("class_weight: weight has shape (36,); it needs one entry per class, shape (37,)"),
+        re.escape("class_weight has shape (36,); it needs one entry per class, shape (37,)"),
         fn,
         h,
         w,
@@ -518,7 +518,7 @@ def test_bad_class_weight_is_named_class_weight(fn, good):
     )
     raises(
         TypeError,
-        "class_weight: weight must hold real numbers, got complex128",
+        "class_weight must hold real numbers, got complex128",
         fn,
         h,
         w,
