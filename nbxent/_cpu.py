@@ -72,6 +72,27 @@ def block_sums(x, m, cap, inv_cap, w, smooth):
     return s, sm
 
 
+# ``src16 is None`` tests are resolved when Numba compiles: float rows never compile the 16-bit
+# code (which tripled their first compile while an empty array stood for "no 16-bit row").
+@jit_serial
+def block_buffer(x, src16):
+    """An 8 KB float buffer for widening 16-bit blocks (empty for float rows)."""
+    if src16 is not None:
+        return np.empty(STATS_BLOCK, x.dtype)
+    return np.empty(0, x.dtype)
+
+
+@jit_serial
+def read_block(x, lo, hi, src16, buf, half):
+    """Block ``lo:hi`` of a row and its max (``row_max``): ``x[lo:hi]``, or with a 16-bit
+    row ``src16`` (format ``half``), that block widened into ``buf``."""
+    if src16 is not None:
+        xb = buf[: hi - lo]
+        return xb, as_dtype_of(x, widen_row_max(src16[lo:hi], xb, half))
+    xb = x[lo:hi]
+    return xb, row_max(xb)
+
+
 @jit_serial
 def raise_max(m, s, sm, seen, live, mb, lo, smooth):
     """Step 2 of ``row_stats``: a block (starting at ``lo``) whose max ``mb`` is above the
@@ -123,17 +144,10 @@ def row_stats(x, cap, w, smooth, src16, half):
     sm = zero
     seen = zero  # weight of the entries in s and sm
     live = -1  # start of the first block whose max is above -inf
-    buf = x[:0]
-    if src16 is not None:
-        buf = np.empty(STATS_BLOCK, x.dtype)
+    buf = block_buffer(x, src16)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
-        if src16 is not None:
-            xb = buf[: hi - lo]
-            mb = as_dtype_of(x, widen_row_max(src16[lo:hi], xb, half))
-        else:
-            xb = x[lo:hi]
-            mb = row_max(xb)
+        xb, mb = read_block(x, lo, hi, src16, buf, half)
         if capped:
             mb = cap * fast_tanh(mb * inv_cap)
         m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
@@ -213,26 +227,20 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half):
     sm = zero
     seen = zero
     live = -1  # start of the first block whose max is above -inf (see row_stats)
-    # (``src16 is None`` tests are resolved when Numba compiles: the float32 path never
-    # compiles the 16-bit code, which tripled its first compile)
-    buf = g[:0]
-    if src16 is not None:
-        buf = np.empty(STATS_BLOCK, g.dtype)
+    buf = block_buffer(x, src16)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
-        if src16 is not None:
-            mb = as_dtype_of(x, widen_row_max(src16[lo:hi], buf[: hi - lo], half))
-        else:
-            mb = row_max(g[lo:hi] if in_place else x[lo:hi])
+        # in place, read through the writable name (see block_store)
+        xb, mb = read_block(g if in_place else x, lo, hi, src16, buf, half)
         m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
         block_m[lo // STATS_BLOCK] = m
         if live < 0:
             if src16 is not None:  # kept for the fix-up after the loop
-                g[lo:hi] = buf[: hi - lo]
+                g[lo:hi] = xb
             continue
         wb = w[lo:hi] if has_w else w
-        if src16 is not None:
-            bs, bsm = block_store(buf[: hi - lo], g[lo:hi], False, m, wb, smooth)
+        if src16 is not None:  # the widened block is in buf
+            bs, bsm = block_store(xb, g[lo:hi], False, m, wb, smooth)
         else:
             bs, bsm = block_store(x[lo:hi], g[lo:hi], in_place, m, wb, smooth)
         s += bs
