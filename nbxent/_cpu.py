@@ -357,9 +357,9 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
     b = scale * eps / n
     if store:
         # g holds exp(x_j - m_k): block k is scaled by a exp(m_k - m). A 16-bit output is
-        # rescaled and rounded in one sweep (the scratch is read, not written), its target
-        # entry first, rounded exactly as the float32 steps below would.
-        g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_w else b)
+        # rescaled and rounded in one sweep that reads the scratch and does not write it, so
+        # its target entry is then redone from the scratch, rounded exactly as the float32
+        # steps below would.
         for lo in range(0, x.size, STATS_BLOCK):
             hi = min(lo + STATS_BLOCK, x.size)
             a_k = block_factor(a, block_m, lo // STATS_BLOCK, m)
@@ -369,6 +369,7 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
             else:
                 rescale_grad(g[lo:hi], a_k, b, wb)
         if narrow_to is not None:
+            g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_w else b)
             narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt, half)
             return loss, lse
     elif in_place:  # one array argument: LLVM sees no aliasing and vectorizes (3x here)

@@ -118,9 +118,10 @@ def exp_f32(x):
     2. exp(r) = 1 + r (1 + r P(r)) (degree 6 minimax), evaluated doubled, as 2 exp(r).
     3. Multiply by 2**(n-1), built in the exponent bits: n - 1 + 127 = n + 126 fits the
        exponent field for every n in [-126, 128], so one factor covers the whole range up
-       to overflow (n = 129 makes the factor inf). Below about -86.98 (n = -126) the factor's exponent field is 0, the
-       factor is 0.0, and so is the result: exp(x) < 2**-125 is flushed without a branch,
-       -inf included (clamped to -87.5 first). NaN passes the clamp and stays NaN.
+       to overflow (n = 129 makes the factor inf). Below about -86.98 (n = -126) the
+       factor's exponent field is 0, the factor is 0.0, and so is the result: exp(x) <
+       2**-125 is flushed without a branch, -inf included (clamped to -87.5 first). NaN
+       passes the clamp and stays NaN.
     """
     xc = _EXP_LO if x < _EXP_LO else x
     t = xc * _LOG2E + _ROUND_MAGIC
