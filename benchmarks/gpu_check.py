@@ -6,6 +6,7 @@ one H100 or H200, most of it compiling kernels)::
     python benchmarks/gpu_check.py            # checks, then timings
     python benchmarks/gpu_check.py --sweep    # also try a few launch-geometry tunables
     OUT=results/ python benchmarks/gpu_check.py   # also write gpu_check.txt and .json there
+    python benchmarks/gpu_check.py --skip-checks --sweep --seconds 200 --name timings
 
 What it does:
 
@@ -18,7 +19,8 @@ What it does:
 2. Timings with CUDA events (medians after warm-up), for bfloat16 and float32 logits of about
    4 GiB at V in {32768, 128256, 256000}: the forward pass, and forward+backward with the
    gradient written in place; next to a device-to-device copy of the same bytes and a
-   read-only pass over them, measured in the same run, and PyTorch's eager
+   read-only pass over them (the faster of a Numba XOR pass and ``torch.amax``), measured in
+   the same run, and PyTorch's eager
    ``F.cross_entropy`` forward+backward. Bytes counted: forward reads N*V elements once;
    forward+backward reads them once and writes them once (a re-read that hits L2 is not
    counted), so "% of copy" compares equal byte counts.
@@ -310,13 +312,23 @@ cuda = None  # numba.cuda, imported by _read_kernel: nothing CUDA happens at imp
 
 
 def _read_words(words, out):
-    """A read-only pass: every thread XORs 64-bit words (grid-stride); nothing is written
-    unless the XOR hits one unlikely value, which keeps the loads from being optimized away."""
-    acc = np.uint64(0)
-    for k in range(cuda.grid(1), words.size, cuda.gridsize(1)):
-        acc ^= words[k]
-    if acc == np.uint64(0x9E3779B97F4A7C15):
-        out[0] = acc
+    """A read-only pass: every thread XORs 64-bit words, four independent loads in flight per
+    step (grid-stride); nothing is written unless the XOR hits one unlikely value, which
+    keeps the loads from being optimized away."""
+    n, step = words.size, cuda.gridsize(1)
+    k = cuda.grid(1)
+    a0 = a1 = a2 = a3 = np.uint64(0)
+    while k + 3 * step < n:
+        a0 ^= words[k]
+        a1 ^= words[k + step]
+        a2 ^= words[k + 2 * step]
+        a3 ^= words[k + 3 * step]
+        k += 4 * step
+    while k < n:
+        a0 ^= words[k]
+        k += step
+    if a0 ^ a1 ^ a2 ^ a3 == np.uint64(0x9E3779B97F4A7C15):
+        out[0] = a0
 
 
 def _read_kernel():
@@ -366,6 +378,8 @@ def bench_case(arrays: Arrays, dtype: np.dtype, n_cols: int, sizes: dict, log) -
     n_sm = 1 if arrays.simulator else cuda.get_current_device().MULTIPROCESSOR_COUNT
     block = 32 if arrays.simulator else 1024
     read_ms = arrays.measure_ms(lambda: read_words[4 * n_sm, block](words, sink), reps)
+    if arrays.torch is not None:  # PyTorch's max-reduction over the same bytes: the faster counts
+        read_ms = min(read_ms, arrays.measure_ms(lambda: arrays.torch.amax(x), reps))
     copy_gbps, read_gbps = 2 * nbytes / copy_ms / 1e6, nbytes / read_ms / 1e6
     # validate=False: the kernels alone (validate=True adds a check kernel and a 8-byte read
     # back per call; its cost is in the latency table).
@@ -486,8 +500,9 @@ def kernel_resources(log) -> dict:
     return out
 
 
-def run_sweep(arrays: Arrays, log) -> list[dict]:
-    """bfloat16 forward+backward in place at V = 128256, for a few launch geometries."""
+def run_sweep(arrays: Arrays, log, deadline: float) -> list[dict]:
+    """Forward, and forward+backward in place, at V = 128256 in bfloat16 and float32, for a
+    few launch geometries; stops at ``deadline`` (a ``time.perf_counter`` value)."""
     import ml_dtypes
 
     import nbxent as nx
@@ -495,26 +510,39 @@ def run_sweep(arrays: Arrays, log) -> list[dict]:
 
     saved = (_cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM)
     n_cols = 128256
-    n_rows = (2 << 30) // (n_cols * 2)
-    x = arrays.random_logits((n_rows, n_cols), ml_dtypes.bfloat16, seed=6)
-    t = arrays.put(np.random.default_rng(7).integers(0, n_cols, size=n_rows))
-    nbytes = 2 * n_rows * n_cols * 2
     rows = []
-    log("\nsweep, bfloat16 forward+backward in place, V = 128256 (THREADS, UNROLL, BLOCKS_PER_SM):")
+    log("\nsweep, V = 128256, 2 GiB of logits (THREADS, UNROLL, BLOCKS_PER_SM; GB/s as in the table):")
+    log(" dtype      THREADS UNROLL BLOCKS   fwd ms  fwd GB/s  inpl ms inpl GB/s")
     try:
-        for threads in (256, 512, 1024):
-            for unroll in (2, 4, 8):
-                for blocks in (1, 2, 4):
-                    if threads * blocks > 2048:  # more than an SM holds
-                        continue
-                    _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = threads, unroll, blocks
-                    try:
-                        ms = arrays.measure_ms(lambda: nx.cross_entropy_with_grad(x, t, out=x, validate=False), 7)  # noqa: B023
-                    except Exception as e:  # a geometry that does not compile or launch
-                        log(f"  {threads:5} {unroll:3} {blocks:3}  failed: {e}")
-                        continue
-                    rows.append({"THREADS": threads, "UNROLL": unroll, "BLOCKS_PER_SM": blocks, "ms": ms})
-                    log(f"  {threads:5} {unroll:3} {blocks:3}  {ms:8.3f} ms  {nbytes / ms / 1e6:6.0f} GB/s")
+        for dtype in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)):
+            n_rows = (2 << 30) // (n_cols * dtype.itemsize)
+            x = arrays.random_logits((n_rows, n_cols), dtype, seed=6)
+            t = arrays.put(np.random.default_rng(7).integers(0, n_cols, size=n_rows))
+            nbytes = n_rows * n_cols * dtype.itemsize
+            for threads in (256, 512, 1024):
+                for unroll in (2, 4, 8):
+                    for blocks in (1, 2, 4):
+                        if threads * blocks > 2048:  # more than an SM holds
+                            continue
+                        if time.perf_counter() > deadline:
+                            log("  (deadline reached: sweep stopped)")
+                            return rows
+                        _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = threads, unroll, blocks
+                        try:
+                            fwd = arrays.measure_ms(lambda: nx.cross_entropy(x, t, validate=False), 7)  # noqa: B023
+                            inpl = arrays.measure_ms(
+                                lambda: nx.cross_entropy_with_grad(x, t, out=x, validate=False),  # noqa: B023
+                                7,
+                            )
+                        except Exception as e:  # a geometry that does not compile or launch
+                            log(f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6}  failed: {e}")
+                            continue
+                        rows.append({"dtype": dtype.name, "THREADS": threads, "UNROLL": unroll,
+                                     "BLOCKS_PER_SM": blocks, "forward ms": fwd, "inplace ms": inpl})  # fmt: skip
+                        log(
+                            f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6} {fwd:8.3f} {nbytes / fwd / 1e6:9.0f}"
+                            f" {inpl:8.3f} {2 * nbytes / inpl / 1e6:9.0f}"
+                        )
     finally:
         _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = saved
     return rows
@@ -551,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-checks", action="store_true", help="timings only")
     parser.add_argument("--skip-timings", action="store_true", help="checks only")
     parser.add_argument("--sweep", action="store_true", help="also sweep THREADS, UNROLL, BLOCKS_PER_SM")
+    parser.add_argument("--name", default="gpu_check", help="file stem of the reports written under $OUT")
+    parser.add_argument("--seconds", type=float, default=math.inf, help="stop the sweep after this many seconds")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))  # nbxent from this checkout, and tests.reference
 
@@ -582,25 +612,32 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     report: dict = {"environment": environment(arrays), "tunables": _tunables(_cuda)}
+    out_dir = os.environ.get("OUT")
+
+    def save() -> None:  # after each step, so that a run stopped at a time limit keeps what it did
+        if out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / f"{args.name}.txt").write_text("\n".join(lines) + "\n")
+            (Path(out_dir) / f"{args.name}.json").write_text(json.dumps(report, indent=1, default=str))
+
     log(json.dumps(report["environment"]))
     failures: list[str] = []
     if not args.skip_checks:
         failures = run_checks(arrays, sizes, log)
         report["failures"] = failures
         log(f"\n{len(failures)} check(s) failed" + (": " + ", ".join(failures) if failures else ""))
+        save()
     if not args.skip_timings:
         report["timings"] = run_benchmarks(arrays, sizes, log)
+        save()
         report["latency_us"] = run_latency(arrays, sizes, log)
+        save()
         if args.sweep and not args.tiny:
-            report["sweep"] = run_sweep(arrays, log)
+            report["sweep"] = run_sweep(arrays, log, started + args.seconds)
     report["kernels"] = kernel_resources(log)
     report["seconds"] = time.perf_counter() - started
     log(f"\ndone in {report['seconds']:.0f} s")
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "gpu_check.txt").write_text("\n".join(lines) + "\n")
-        (Path(out_dir) / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    save()
     return 1 if failures else 0
 
 

@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,9 +350,21 @@ def _host_copy(arr: _Array, stream) -> np.ndarray:
     return np.ndarray(arr.shape, arr.dtype, buffer=raw, strides=arr.strides).copy()
 
 
+_FEW_BLOCKS = 128  # numba-cuda warns of low occupancy below this many blocks
+# (its text may be wrapped in terminal colour codes, hence the leading .*)
+_FEW_BLOCKS_WARNING = r".*Grid size \d+ will likely result in GPU under-utilization"
+
+
 def _launch(kernel, grid: int, stream, args) -> None:
-    if grid > 0:
+    """Launch ``kernel`` on ``grid`` blocks. Small grids are deliberate here (one block for
+    ``reduce_rows``, one block per row group for a few rows), so numba-cuda's low-occupancy
+    warning, which would reach the caller on every new stream, is silenced for them."""
+    if grid >= _FEW_BLOCKS:
         kernel[grid, _cuda.THREADS, stream](*args)
+    elif grid > 0:
+        with warnings.catch_warnings():  # matched by text: its class moved between releases
+            warnings.filterwarnings("ignore", message=_FEW_BLOCKS_WARNING)
+            kernel[grid, _cuda.THREADS, stream](*args)
 
 
 _COMPILED: dict[tuple, Any] = {}

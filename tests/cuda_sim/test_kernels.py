@@ -10,6 +10,8 @@ one-block-per-row-group path ("rows") and the split-row path ("split").
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from numba import cuda
@@ -23,7 +25,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-assert _cuda.SIMULATOR, "these tests need NUMBA_ENABLE_CUDASIM=1 before numba.cuda is imported"
+ON_DEVICE = os.environ.get("NBXENT_CUDA_TESTS") == "device"  # a real GPU (see conftest.py)
+assert _cuda.SIMULATOR or ON_DEVICE, "these tests need NUMBA_ENABLE_CUDASIM=1 before numba.cuda is imported"
 
 # NumPy scalars in the simulated threads warn on inf - inf, 0 * inf, ...: IEEE behaviour the
 # kernels rely on, not errors.
@@ -41,6 +44,8 @@ def small_tunables(monkeypatch):
     monkeypatch.setattr(_cuda, "BLOCKS_PER_SM", 1)
     monkeypatch.setattr(_cuda, "SPLIT_CHUNK", 40)
     monkeypatch.setattr(_cuda, "SIM_SM_COUNT", 2)
+    if ON_DEVICE:  # the same launch geometry as the simulator's: 2 "SMs"
+        monkeypatch.setattr(_backend_cuda, "_sm_count", lambda: 2)
     # The simulator's arrays have no __cuda_array_interface__; Numba marks its device
     # arrays (real and simulated) with __cuda_ndarray__.
     real = api.is_gpu_array
