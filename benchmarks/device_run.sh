@@ -5,7 +5,8 @@
 #   env.txt           the card, its clocks, the package versions
 #   device_tests.txt  tests/cuda_sim run on the GPU (NBXENT_CUDA_TESTS=device)
 #   checks.log/.json  benchmarks/gpu_check.py --skip-timings (every dtype and option, 2**31+ logits)
-#   timings.txt/.json benchmarks/gpu_check.py --skip-checks --sweep (table, latency, sweep)
+#   timings.txt/.json benchmarks/gpu_check.py --skip-checks --tune --profile (geometries,
+#                     the table with the best, latency, host profile of a small call)
 # Phase 1 compiles many kernels (CPU-bound), so the tests and the checks run side by side;
 # phase 2 times alone on the GPU. Time limits: TESTS_S, CHECKS_S, TIMINGS_S, SWEEP_S seconds.
 set -u
@@ -14,6 +15,13 @@ OUT=${OUT:-/tmp/nbxent-device}
 export OUT
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
+
+# Wheels carried in .whl/ (numpy 2.4 on the lent machines: their numba-cuda 0.30.4 cannot
+# compile a kernel under numpy 2.5, which removed np.row_stack) go first on the path.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 {
     date -u
@@ -58,7 +66,7 @@ if [ $probe -ne 0 ]; then
 fi
 
 echo "== phase 1: tests/cuda_sim on the GPU, and gpu_check.py checks, side by side"
-NBXENT_CUDA_TESTS=device timeout "${TESTS_S:-160}" $py -m pytest -q -p no:cacheprovider -n 8 tests/cuda_sim \
+NBXENT_CUDA_TESTS=device timeout "${TESTS_S:-160}" $py -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 tests/cuda_sim \
     >"$OUT/device_tests.txt" 2>&1 &
 tests=$!
 timeout "${CHECKS_S:-170}" $py benchmarks/gpu_check.py --skip-timings --name checks >"$OUT/checks.log" 2>&1
@@ -69,6 +77,6 @@ echo "device tests rc=$?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/device_tests.txt" | tail -30
 
 echo "== phase 2: timings, alone on the GPU"
-timeout "${TIMINGS_S:-175}" $py benchmarks/gpu_check.py --skip-checks --sweep --seconds "${SWEEP_S:-150}" \
+timeout "${TIMINGS_S:-200}" $py benchmarks/gpu_check.py --skip-checks --tune --profile --seconds "${SWEEP_S:-110}" \
     --name timings
 echo "timings rc=$?"

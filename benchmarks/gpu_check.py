@@ -500,9 +500,15 @@ def kernel_resources(log) -> dict:
     return out
 
 
-def run_sweep(arrays: Arrays, log, deadline: float) -> list[dict]:
-    """Forward, and forward+backward in place, at V = 128256 in bfloat16 and float32, for a
-    few launch geometries; stops at ``deadline`` (a ``time.perf_counter`` value)."""
+SWEEP_FULL = [(t, u, b) for t in (256, 512, 1024) for u in (2, 4, 8) for b in (1, 2, 4) if t * b <= 2048]
+SWEEP_TUNE = [(512, 4, 1), (512, 2, 2), (512, 4, 2), (256, 4, 2), (256, 2, 4), (256, 4, 4), (1024, 2, 1),
+              (1024, 4, 1), (512, 8, 1), (256, 8, 2)]  # fmt: skip
+
+
+def run_sweep(arrays: Arrays, log, deadline: float, configs=SWEEP_FULL) -> list[dict]:
+    """Forward, and forward+backward in place, at V = 128256 in bfloat16 and float32, for
+    launch geometries ``(THREADS, UNROLL, BLOCKS_PER_SM)``; stops at ``deadline`` (a
+    ``time.perf_counter`` value). Leaves the tunables as it found them."""
     import ml_dtypes
 
     import nbxent as nx
@@ -519,33 +525,67 @@ def run_sweep(arrays: Arrays, log, deadline: float) -> list[dict]:
             x = arrays.random_logits((n_rows, n_cols), dtype, seed=6)
             t = arrays.put(np.random.default_rng(7).integers(0, n_cols, size=n_rows))
             nbytes = n_rows * n_cols * dtype.itemsize
-            for threads in (256, 512, 1024):
-                for unroll in (2, 4, 8):
-                    for blocks in (1, 2, 4):
-                        if threads * blocks > 2048:  # more than an SM holds
-                            continue
-                        if time.perf_counter() > deadline:
-                            log("  (deadline reached: sweep stopped)")
-                            return rows
-                        _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = threads, unroll, blocks
-                        try:
-                            fwd = arrays.measure_ms(lambda: nx.cross_entropy(x, t, validate=False), 7)  # noqa: B023
-                            inpl = arrays.measure_ms(
-                                lambda: nx.cross_entropy_with_grad(x, t, out=x, validate=False),  # noqa: B023
-                                7,
-                            )
-                        except Exception as e:  # a geometry that does not compile or launch
-                            log(f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6}  failed: {e}")
-                            continue
-                        rows.append({"dtype": dtype.name, "THREADS": threads, "UNROLL": unroll,
-                                     "BLOCKS_PER_SM": blocks, "forward ms": fwd, "inplace ms": inpl})  # fmt: skip
-                        log(
-                            f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6} {fwd:8.3f} {nbytes / fwd / 1e6:9.0f}"
-                            f" {inpl:8.3f} {2 * nbytes / inpl / 1e6:9.0f}"
-                        )
+            for threads, unroll, blocks in configs:
+                if time.perf_counter() > deadline:
+                    log("  (deadline reached: sweep stopped)")
+                    return rows
+                _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = threads, unroll, blocks
+                try:
+                    fwd = arrays.measure_ms(lambda: nx.cross_entropy(x, t, validate=False), 7)  # noqa: B023
+                    inpl = arrays.measure_ms(lambda: nx.cross_entropy_with_grad(x, t, out=x, validate=False), 7)  # noqa: B023
+                except Exception as e:  # a geometry that does not compile or launch
+                    log(f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6}  failed: {e}")
+                    continue
+                rows.append({"dtype": dtype.name, "THREADS": threads, "UNROLL": unroll, "BLOCKS_PER_SM": blocks,
+                             "forward ms": fwd, "inplace ms": inpl,
+                             "forward GB/s": nbytes / fwd / 1e6, "inplace GB/s": 2 * nbytes / inpl / 1e6})  # fmt: skip
+                log(
+                    f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6} {fwd:8.3f} {nbytes / fwd / 1e6:9.0f}"
+                    f" {inpl:8.3f} {2 * nbytes / inpl / 1e6:9.0f}"
+                )
     finally:
         _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = saved
     return rows
+
+
+def best_config(rows: list[dict]) -> tuple[int, int, int] | None:
+    """The geometry with the best geometric mean of the four bandwidths (bfloat16 and
+    float32, forward and in place) among those measured for both dtypes."""
+    by_config: dict[tuple, list[float]] = {}
+    for r in rows:
+        key = (r["THREADS"], r["UNROLL"], r["BLOCKS_PER_SM"])
+        by_config.setdefault(key, []).extend([r["forward GB/s"], r["inplace GB/s"]])
+    scored = {k: math.prod(v) ** (1 / len(v)) for k, v in by_config.items() if len(v) == 4}
+    return max(scored, key=scored.get) if scored else None
+
+
+def profile_small_call(arrays: Arrays, sizes: dict, log) -> str:
+    """Where the host time of a small forward call goes: cProfile of 200 calls."""
+    import cProfile
+    import io
+    import pstats
+
+    import ml_dtypes
+
+    import nbxent as nx
+
+    n_rows, n_cols = sizes["latency_shape"]
+    x = arrays.random_logits((n_rows, n_cols), ml_dtypes.bfloat16, seed=8)
+    t = arrays.put(np.random.default_rng(9).integers(0, n_cols, size=n_rows))
+    for _ in range(5):
+        nx.cross_entropy(x, t, validate=False)
+    arrays.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        nx.cross_entropy(x, t, validate=False)
+    prof.disable()
+    arrays.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    log("\nhost profile of 200 small forward calls (tottime):")
+    log(buf.getvalue()[-6000:])
+    return buf.getvalue()
 
 
 def environment(arrays: Arrays) -> dict:
@@ -579,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-checks", action="store_true", help="timings only")
     parser.add_argument("--skip-timings", action="store_true", help="checks only")
     parser.add_argument("--sweep", action="store_true", help="also sweep THREADS, UNROLL, BLOCKS_PER_SM")
+    parser.add_argument("--tune", action="store_true", help="sweep a few geometries, time the table with the best")
+    parser.add_argument("--profile", action="store_true", help="cProfile the host side of a small call")
     parser.add_argument("--name", default="gpu_check", help="file stem of the reports written under $OUT")
     parser.add_argument("--seconds", type=float, default=math.inf, help="stop the sweep after this many seconds")
     args = parser.parse_args(argv)
@@ -628,10 +670,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"\n{len(failures)} check(s) failed" + (": " + ", ".join(failures) if failures else ""))
         save()
     if not args.skip_timings:
+        if args.tune and not args.tiny:
+            report["tune"] = run_sweep(arrays, log, started + args.seconds, SWEEP_TUNE)
+            best = best_config(report["tune"])
+            if best is not None:
+                _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = best
+            report["tunables"] = _tunables(_cuda)
+            log(f"\ntunables for the table: {report['tunables']}")
+            save()
         report["timings"] = run_benchmarks(arrays, sizes, log)
         save()
         report["latency_us"] = run_latency(arrays, sizes, log)
         save()
+        if args.profile:
+            report["profile"] = profile_small_call(arrays, sizes, log)
+            save()
         if args.sweep and not args.tiny:
             report["sweep"] = run_sweep(arrays, log, started + args.seconds)
     report["kernels"] = kernel_resources(log)

@@ -437,6 +437,22 @@ def _storage(fmt: int, unroll: int) -> SimpleNamespace:
                 for u in range(U):
                     k = kb + u * group
                     words[u] = xw[k] if k < k1 else np.uint64(0)
+                if not CAPPED and not smooth and kb * E >= lo and (kb + (U - 1) * group + 1) * E <= hi:
+                    # Interior step (all but a row's first and last steps): every lane is in
+                    # the row, so no index per element; the step's max first (branch-free),
+                    # one rescale per step, then one exp per element.
+                    mx = m
+                    for u in range(U):
+                        for e in range(E):
+                            v = unpack(words[u], e)
+                            mx = v if v > mx else mx
+                    if mx > m:
+                        s *= exp_acc(m - mx)
+                        m = mx
+                    for u in range(U):
+                        for e in range(E):
+                            s += exp_acc(unpack(words[u], e) - m)
+                    continue
                 if CAPPED:
                     for u in range(U):
                         for e in range(E):
@@ -542,11 +558,34 @@ def _writer(fmt: int, job: int, unroll: int):
             n_steps = (k1 - k0 - lane + step - 1) // step if k1 - k0 > lane else 0
             words = cuda.local.array(U, np.uint64)
             vals = cuda.local.array(UE, ACC)
+            fast = not CAPPED and aligned and not (GRAD and has_w)
+            tk = t_j // E if t_j >= 0 else np.int64(-1)  # the target's word (GRAD)
             for it in range(n_steps - 1, -1, -1):
                 kb = k0 + lane + it * step
                 for u in range(U):
                     k = kb + u * group
                     words[u] = load_last(xw, k) if k < k1 else np.uint64(0)
+                if (
+                    fast
+                    and kb * E >= lo
+                    and (kb + (U - 1) * group + 1) * E <= hi
+                    and not (tk >= kb and (tk - kb) % group == 0 and (tk - kb) // group < U)
+                ):
+                    # Interior step without the target: every word is whole and in the row,
+                    # so no index per element and one store per word (as in thread_stats).
+                    for u in range(U):
+                        packed = np.uint64(0)
+                        for e in range(E):
+                            d = (unpack(words[u], e) - m) - log_s
+                            if NORM and coef_p == ZERO:
+                                f = d
+                            else:
+                                f = coef_p * exp_acc(d)
+                            if GRAD:
+                                f -= coef_w
+                            packed |= pack(f) << np.uint64(e * LANE_BITS)
+                        store_streaming(gw, kb + u * group + dk, packed)
+                    continue
                 if CAPPED:  # in a loop of its own, as in thread_stats
                     for u in range(U):
                         for e in range(E):
