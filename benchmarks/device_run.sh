@@ -4,11 +4,14 @@
 # $OUT (default /tmp/nbxent-device):
 #   env.txt           the card, its clocks, the package versions
 #   device_tests.txt  tests/cuda_sim run on the GPU (NBXENT_CUDA_TESTS=device)
-#   checks.log/.json  benchmarks/gpu_check.py --skip-timings (every dtype and option, 2**31+ logits)
-#   timings.txt/.json benchmarks/gpu_check.py --skip-checks --tune --profile (geometries,
-#                     the table with the best, latency, host profile of a small call)
-# Phase 1 compiles many kernels (CPU-bound), so the tests and the checks run side by side;
-# phase 2 times alone on the GPU. Time limits: TESTS_S, CHECKS_S, TIMINGS_S, SWEEP_S seconds.
+#   tune.txt/.json    gpu_check.py --tune --tune-only: a few launch geometries, the best one
+#   checks.txt/.json  gpu_check.py --skip-timings at that geometry (every dtype and option,
+#                     2**31+ logits)
+#   timings.txt/.json gpu_check.py --skip-checks --profile at that geometry (the table,
+#                     latency, host profile of a small call)
+# The tests and the checks compile many kernels (CPU-bound), so they run side by side; the
+# timings run alone on the GPU. Time limits (seconds): TUNE_S, SWEEP_S, TESTS_S, CHECKS_S,
+# TIMINGS_S.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nbxent-device}
@@ -65,18 +68,27 @@ if [ $probe -ne 0 ]; then
     exit 2
 fi
 
-echo "== phase 1: tests/cuda_sim on the GPU, and gpu_check.py checks, side by side"
-NBXENT_CUDA_TESTS=device timeout "${TESTS_S:-160}" $py -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 tests/cuda_sim \
-    >"$OUT/device_tests.txt" 2>&1 &
+echo "== phase 1: choose the launch geometry on this card (gpu_check.py --tune)"
+timeout "${TUNE_S:-75}" $py benchmarks/gpu_check.py --skip-checks --tune --tune-only --seconds "${SWEEP_S:-55}" \
+    --name tune >/dev/null 2>&1
+echo "tune rc=$?"
+grep -A 20 "^sweep" "$OUT/tune.txt"
+best=$(sed -n 's/^best: //p' "$OUT/tune.txt")
+echo "geometry for the checks and the table: ${best:-the defaults}"
+tunables=${best:+--tunables $best}
+
+echo "== phase 2: tests/cuda_sim on the GPU, and gpu_check.py checks at that geometry, side by side"
+NBXENT_CUDA_TESTS=device timeout "${TESTS_S:-110}" $py -m pytest -v -p no:cacheprovider -p no:benchmark \
+    -W ignore::DeprecationWarning -n 12 tests/cuda_sim >"$OUT/device_tests.txt" 2>&1 &
 tests=$!
-timeout "${CHECKS_S:-170}" $py benchmarks/gpu_check.py --skip-timings --name checks >"$OUT/checks.log" 2>&1
+timeout "${CHECKS_S:-100}" $py benchmarks/gpu_check.py --skip-timings $tunables --name checks >/dev/null 2>&1
 echo "checks rc=$?"
-grep -E "FAIL|check\(s\) failed|Error" "$OUT/checks.log" | head -40
+grep -E "FAIL|check\(s\) failed|Error" "$OUT/checks.txt" | head -40
 wait $tests
 echo "device tests rc=$?"
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/device_tests.txt" | tail -30
+grep -cE " PASSED " "$OUT/device_tests.txt"
+grep -E "^(FAILED|ERROR)| FAILED |passed|failed" "$OUT/device_tests.txt" | tail -30
 
-echo "== phase 2: timings, alone on the GPU"
-timeout "${TIMINGS_S:-200}" $py benchmarks/gpu_check.py --skip-checks --tune --profile --seconds "${SWEEP_S:-110}" \
-    --name timings
+echo "== phase 3: the table, latency and a host profile, alone on the GPU"
+timeout "${TIMINGS_S:-75}" $py benchmarks/gpu_check.py --skip-checks --profile $tunables --name timings
 echo "timings rc=$?"

@@ -500,9 +500,10 @@ def kernel_resources(log) -> dict:
     return out
 
 
-SWEEP_FULL = [(t, u, b) for t in (256, 512, 1024) for u in (2, 4, 8) for b in (1, 2, 4) if t * b <= 2048]
-SWEEP_TUNE = [(512, 4, 1), (512, 2, 2), (512, 4, 2), (256, 4, 2), (256, 2, 4), (256, 4, 4), (1024, 2, 1),
-              (1024, 4, 1), (512, 8, 1), (256, 8, 2)]  # fmt: skip
+SWEEP_FULL = [(t, u, b, True) for t in (256, 512, 1024) for u in (2, 4, 8) for b in (1, 2, 4) if t * b <= 2048]
+# (THREADS, UNROLL, BLOCKS_PER_SM, PREFETCH): the best geometries of the first H200 runs, with
+# and without prefetching the next step's words.
+SWEEP_TUNE = [(t, u, b, p) for t, u, b in ((256, 4, 4), (512, 4, 2), (512, 4, 1)) for p in (True, False)]
 
 
 def run_sweep(arrays: Arrays, log, deadline: float, configs=SWEEP_FULL) -> list[dict]:
@@ -514,46 +515,47 @@ def run_sweep(arrays: Arrays, log, deadline: float, configs=SWEEP_FULL) -> list[
     import nbxent as nx
     from nbxent import _cuda
 
-    saved = (_cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM)
+    saved = (_cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH)
     n_cols = 128256
     rows = []
     log("\nsweep, V = 128256, 2 GiB of logits (THREADS, UNROLL, BLOCKS_PER_SM; GB/s as in the table):")
-    log(" dtype      THREADS UNROLL BLOCKS   fwd ms  fwd GB/s  inpl ms inpl GB/s")
+    log(" dtype      THREADS UNROLL BLOCKS PREFETCH   fwd ms  fwd GB/s  inpl ms inpl GB/s")
     try:
         for dtype in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)):
             n_rows = (2 << 30) // (n_cols * dtype.itemsize)
             x = arrays.random_logits((n_rows, n_cols), dtype, seed=6)
             t = arrays.put(np.random.default_rng(7).integers(0, n_cols, size=n_rows))
             nbytes = n_rows * n_cols * dtype.itemsize
-            for threads, unroll, blocks in configs:
+            for threads, unroll, blocks, prefetch in configs:
                 if time.perf_counter() > deadline:
                     log("  (deadline reached: sweep stopped)")
                     return rows
-                _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = threads, unroll, blocks
+                _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH = threads, unroll, blocks, prefetch
                 try:
                     fwd = arrays.measure_ms(lambda: nx.cross_entropy(x, t, validate=False), 7)  # noqa: B023
                     inpl = arrays.measure_ms(lambda: nx.cross_entropy_with_grad(x, t, out=x, validate=False), 7)  # noqa: B023
                 except Exception as e:  # a geometry that does not compile or launch
-                    log(f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6}  failed: {e}")
+                    log(f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6} {prefetch!s:8}  failed: {e}")
                     continue
                 rows.append({"dtype": dtype.name, "THREADS": threads, "UNROLL": unroll, "BLOCKS_PER_SM": blocks,
+                             "PREFETCH": prefetch,
                              "forward ms": fwd, "inplace ms": inpl,
                              "forward GB/s": nbytes / fwd / 1e6, "inplace GB/s": 2 * nbytes / inpl / 1e6})  # fmt: skip
                 log(
-                    f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6} {fwd:8.3f} {nbytes / fwd / 1e6:9.0f}"
-                    f" {inpl:8.3f} {2 * nbytes / inpl / 1e6:9.0f}"
+                    f" {dtype.name:9} {threads:7} {unroll:6} {blocks:6} {prefetch!s:8}"
+                    f" {fwd:8.3f} {nbytes / fwd / 1e6:9.0f} {inpl:8.3f} {2 * nbytes / inpl / 1e6:9.0f}"
                 )
     finally:
-        _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = saved
+        _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH = saved
     return rows
 
 
-def best_config(rows: list[dict]) -> tuple[int, int, int] | None:
+def best_config(rows: list[dict]) -> tuple[int, int, int, bool] | None:
     """The geometry with the best geometric mean of the four bandwidths (bfloat16 and
     float32, forward and in place) among those measured for both dtypes."""
     by_config: dict[tuple, list[float]] = {}
     for r in rows:
-        key = (r["THREADS"], r["UNROLL"], r["BLOCKS_PER_SM"])
+        key = (r["THREADS"], r["UNROLL"], r["BLOCKS_PER_SM"], r["PREFETCH"])
         by_config.setdefault(key, []).extend([r["forward GB/s"], r["inplace GB/s"]])
     scored = {k: math.prod(v) ** (1 / len(v)) for k, v in by_config.items() if len(v) == 4}
     return max(scored, key=scored.get) if scored else None
@@ -621,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also sweep THREADS, UNROLL, BLOCKS_PER_SM")
     parser.add_argument("--tune", action="store_true", help="sweep a few geometries, time the table with the best")
     parser.add_argument("--profile", action="store_true", help="cProfile the host side of a small call")
+    parser.add_argument("--tune-only", action="store_true", help="with --tune: print the best geometry, no table")
+    parser.add_argument("--tunables", help="THREADS,UNROLL,BLOCKS_PER_SM,PREFETCH(0/1) to run with")
     parser.add_argument("--name", default="gpu_check", help="file stem of the reports written under $OUT")
     parser.add_argument("--seconds", type=float, default=math.inf, help="stop the sweep after this many seconds")
     args = parser.parse_args(argv)
@@ -644,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.simplefilter("ignore", RuntimeWarning)
         sys.setswitchinterval(5e-4)
+    if args.tunables:
+        threads, unroll, blocks, prefetch = (int(v) for v in args.tunables.split(","))
+        _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH = threads, unroll, blocks, bool(prefetch)
     arrays = Arrays(simulator)
 
     lines: list[str] = []
@@ -674,10 +681,13 @@ def main(argv: list[str] | None = None) -> int:
             report["tune"] = run_sweep(arrays, log, started + args.seconds, SWEEP_TUNE)
             best = best_config(report["tune"])
             if best is not None:
-                _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM = best
+                _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH = best
             report["tunables"] = _tunables(_cuda)
             log(f"\ntunables for the table: {report['tunables']}")
+            if best is not None:
+                log("best: " + ",".join(str(int(v)) for v in best))
             save()
+    if not args.skip_timings and not args.tune_only:
         report["timings"] = run_benchmarks(arrays, sizes, log)
         save()
         report["latency_us"] = run_latency(arrays, sizes, log)
@@ -695,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tunables(module) -> dict:
-    names = ("THREADS", "UNROLL", "MIN_GROUP", "BLOCKS_PER_SM", "SPLIT_CHUNK")
+    names = ("THREADS", "UNROLL", "MIN_GROUP", "BLOCKS_PER_SM", "SPLIT_CHUNK", "PREFETCH")
     return {name: getattr(module, name) for name in names}
 
 

@@ -209,11 +209,24 @@ def as_array(obj, dlpack_stream=None) -> _Array | None:
 # Streams, devices, allocation and copies
 # ----------------------------------------------------------------------------------------
 _EXTERNAL_STREAMS: dict[int, Any] = {}
+_DEFAULT_STREAMS: dict[int, Any] = {}
+
+
+def _default_stream():
+    """Numba's default stream of the current device, one object per device: numba-cuda
+    caches launch configurations per stream object, and ``cuda.default_stream()`` makes a new
+    object per call (an H200 profile showed a new configuration per launch, its
+    low-occupancy warning built and formatted each time)."""
+    device = cuda.get_current_device().id
+    stream = _DEFAULT_STREAMS.get(device)
+    if stream is None:
+        stream = _DEFAULT_STREAMS[device] = cuda.default_stream()
+    return stream
 
 
 def _external_stream(handle: int):
     if handle == 0:
-        return cuda.default_stream()
+        return _default_stream()
     stream = _EXTERNAL_STREAMS.get(handle)
     if stream is None:
         stream = _EXTERNAL_STREAMS[handle] = cuda.external_stream(handle)
@@ -233,7 +246,7 @@ def resolve_stream(stream, x: _Array):
             import cupy
 
             return _external_stream(cupy.cuda.get_current_stream().ptr)
-        return cuda.default_stream()
+        return _default_stream()
     if hasattr(stream, "auto_synchronize"):  # a Numba stream (also the simulator's)
         return stream
     if isinstance(stream, bool) or not isinstance(stream, int):
@@ -372,10 +385,10 @@ _COMPILED: dict[tuple, Any] = {}
 
 def _kernel(name: str, fmt: int, job: int, tgt_bits: int):
     """A compiled kernel, compiled on first use for its explicit signature and kept."""
-    key = (name, fmt, job, tgt_bits, _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM)
+    key = (name, fmt, job, tgt_bits, _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH)
     kernel = _COMPILED.get(key)
     if kernel is None:
-        func, sig = _cuda.kernel_sources(fmt, job, tgt_bits, _cuda.THREADS, _cuda.UNROLL)[name]
+        func, sig = _cuda.kernel_sources(fmt, job, tgt_bits, _cuda.THREADS, _cuda.UNROLL, _cuda.PREFETCH)[name]
         kernel = _COMPILED[key] = cuda.jit(sig, **_cuda.jit_options(_cuda.THREADS, _cuda.BLOCKS_PER_SM))(func)
     return kernel
 

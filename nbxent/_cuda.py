@@ -58,6 +58,7 @@ UNROLL = 4  # 64-bit words a thread loads before it uses any (loads in flight pe
 MIN_GROUP = 32  # fewest threads that share one row (small V: several rows per block)
 BLOCKS_PER_SM = 1  # blocks per SM of the persistent grid; ptxas fits registers to it (1: <= 128)
 SPLIT_CHUNK = 8192  # smallest row chunk (elements) when one row is split over blocks
+PREFETCH = True  # a thread asks for its next step's words before it uses this step's
 SIM_SM_COUNT = 2  # the simulator's stand-in for the SM count
 
 # Storage formats; elements per 64-bit word.
@@ -367,8 +368,10 @@ def _arithmetic(f64: bool) -> SimpleNamespace:
 
 
 @functools.cache
-def _storage(fmt: int, unroll: int) -> SimpleNamespace:
-    """Helpers that read and write one storage format: element access, the statistics pass."""
+def _storage(fmt: int, unroll: int, prefetch: bool = True) -> SimpleNamespace:
+    """Helpers that read and write one storage format: element access, the statistics pass
+    (``prefetch``: each step's loads are issued during the step before, see PREFETCH)."""
+    PREFETCH = prefetch
     E = ELEMS_PER_WORD[fmt]
     ACC = np.float64 if fmt == FMT_F64 else np.float32
     ELEM = {4: np.uint16, 2: np.uint32, 1: np.uint64}[E]
@@ -431,12 +434,25 @@ def _storage(fmt: int, unroll: int) -> SimpleNamespace:
             step = group * U
             n_steps = (k1 - k0 - lane + step - 1) // step if k1 - k0 > lane else 0
             words = cuda.local.array(U, np.uint64)
+            ahead = cuda.local.array(U, np.uint64)  # the next step's words (PREFETCH)
             vals = cuda.local.array(UE, ACC)
+            if PREFETCH and n_steps > 0:
+                for u in range(U):
+                    k = k0 + lane + u * group
+                    ahead[u] = xw[k] if k < k1 else np.uint64(0)
             for it in range(n_steps):
                 kb = k0 + lane + it * step
-                for u in range(U):
-                    k = kb + u * group
-                    words[u] = xw[k] if k < k1 else np.uint64(0)
+                if PREFETCH:  # this step's words arrived during the last one; ask for the next
+                    for u in range(U):
+                        words[u] = ahead[u]
+                    if it + 1 < n_steps:
+                        for u in range(U):
+                            k = kb + step + u * group
+                            ahead[u] = xw[k] if k < k1 else np.uint64(0)
+                else:
+                    for u in range(U):
+                        k = kb + u * group
+                        words[u] = xw[k] if k < k1 else np.uint64(0)
                 if not CAPPED and not smooth and kb * E >= lo and (kb + (U - 1) * group + 1) * E <= hi:
                     # Interior step (all but a row's first and last steps): every lane is in
                     # the row, so no index per element; the step's max first (branch-free),
@@ -526,9 +542,10 @@ def _storage(fmt: int, unroll: int) -> SimpleNamespace:
 
 
 @functools.cache
-def _writer(fmt: int, job: int, unroll: int):
+def _writer(fmt: int, job: int, unroll: int, prefetch: bool = True):
     """``write_span`` for one format and job (JOB_GRAD: the gradient; JOB_NORM: softmax or
     log-softmax)."""
+    PREFETCH = prefetch
     E = ELEMS_PER_WORD[fmt]
     ACC = np.float64 if fmt == FMT_F64 else np.float32
     ELEM = {4: np.uint16, 2: np.uint32, 1: np.uint64}[E]
@@ -539,7 +556,7 @@ def _writer(fmt: int, job: int, unroll: int):
     UE = unroll * E
     ZERO, ONE = ACC(0.0), ACC(1.0)
     exp_acc = _arithmetic(fmt == FMT_F64).exp_acc
-    storage = _storage(fmt, unroll)
+    storage = _storage(fmt, unroll, prefetch)
     unpack, pack = storage.unpack, storage.pack
 
     def make_steps(CAPPED):
@@ -557,14 +574,27 @@ def _writer(fmt: int, job: int, unroll: int):
             step = group * U
             n_steps = (k1 - k0 - lane + step - 1) // step if k1 - k0 > lane else 0
             words = cuda.local.array(U, np.uint64)
+            ahead = cuda.local.array(U, np.uint64)  # the next step's words (PREFETCH)
             vals = cuda.local.array(UE, ACC)
             fast = not CAPPED and aligned and not (GRAD and has_w)
             tk = t_j // E if t_j >= 0 else np.int64(-1)  # the target's word (GRAD)
+            if PREFETCH and n_steps > 0:
+                for u in range(U):
+                    k = k0 + lane + (n_steps - 1) * step + u * group
+                    ahead[u] = load_last(xw, k) if k < k1 else np.uint64(0)
             for it in range(n_steps - 1, -1, -1):
                 kb = k0 + lane + it * step
-                for u in range(U):
-                    k = kb + u * group
-                    words[u] = load_last(xw, k) if k < k1 else np.uint64(0)
+                if PREFETCH:  # as in thread_stats; the words are this thread's alone, so
+                    for u in range(U):  # reading the next ones before storing is safe in place
+                        words[u] = ahead[u]
+                    if it > 0:
+                        for u in range(U):
+                            k = kb - step + u * group
+                            ahead[u] = load_last(xw, k) if k < k1 else np.uint64(0)
+                else:
+                    for u in range(U):
+                        k = kb + u * group
+                        words[u] = load_last(xw, k) if k < k1 else np.uint64(0)
                 if (
                     fast
                     and kb * E >= lo
@@ -660,7 +690,7 @@ def _writer(fmt: int, job: int, unroll: int):
 
 
 @functools.cache
-def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int) -> dict:
+def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int, prefetch: bool = True) -> dict:
     """The Python functions of one kernel variant, and their explicit Numba signatures.
 
     Returns ``{"rows": (func, sig), "chunk_stats": (func, sig), "chunks": (func, sig)}``:
@@ -676,8 +706,8 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int)
         Loss only, loss and gradient, or a normalization.
     tgt_bits : {32, 64}
         Target dtype (int32 or int64); ignored for JOB_NORM.
-    threads, unroll : int
-        THREADS and UNROLL, frozen into the variant.
+    threads, unroll, prefetch : int, int, bool
+        THREADS, UNROLL and PREFETCH, frozen into the variant.
     """
     _check_threads(threads)
     E = ELEMS_PER_WORD[fmt]
@@ -691,9 +721,9 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int)
     LOWEST = arith.LOWEST
     log_acc, rebase, group_stats = arith.log_acc, arith.rebase, arith.group_stats
     row_loss, row_scale, grad_coefficients = arith.row_loss, arith.row_scale, arith.grad_coefficients
-    storage = _storage(fmt, unroll)
+    storage = _storage(fmt, unroll, prefetch)
     element, thread_stats, fill_span = storage.element, storage.thread_stats, storage.fill_span
-    write_span = _writer(fmt, JOB_NORM if NORM else JOB_GRAD, unroll)
+    write_span = _writer(fmt, JOB_NORM if NORM else JOB_GRAD, unroll, prefetch)
 
     # ------------------------------------------------------------------------------------
     # Kernels. Every argument is an int64 or a float64: addresses (``*_addr``), sizes,

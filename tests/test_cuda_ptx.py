@@ -35,11 +35,11 @@ def variants():
         for tgt in (32, 64):
             for job_name, job in JOBS.items():
                 for name in ("rows", "chunks"):
-                    func, sig = _cuda.kernel_sources(fmt, job, tgt, threads, unroll)[name]
+                    func, sig = _cuda.kernel_sources(fmt, job, tgt, threads, unroll, _cuda.PREFETCH)[name]
                     yield f"{name}-{fmt_name}-{job_name}-int{tgt}", func, sig, fmt, job
-            func, sig = _cuda.kernel_sources(fmt, _cuda.JOB_LOSS, tgt, threads, unroll)["chunk_stats"]
+            func, sig = _cuda.kernel_sources(fmt, _cuda.JOB_LOSS, tgt, threads, unroll, _cuda.PREFETCH)["chunk_stats"]
             yield f"chunk_stats-{fmt_name}-int{tgt}", func, sig, fmt, _cuda.JOB_LOSS
-        for name, (func, sig) in _cuda.kernel_sources(fmt, _cuda.JOB_NORM, 64, threads, unroll).items():
+        for name, (func, sig) in _cuda.kernel_sources(fmt, _cuda.JOB_NORM, 64, threads, unroll, _cuda.PREFETCH).items():
             yield f"{name}-{fmt_name}-normalize", func, sig, fmt, _cuda.JOB_NORM
     for tgt in (32, 64):
         for acc in (32, 64):

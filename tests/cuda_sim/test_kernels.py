@@ -67,7 +67,18 @@ def rng():
     return np.random.default_rng(seed)
 
 
+def to_device(a):
+    """A Numba device copy. bfloat16 travels as its bits: numba-cuda's host copies go through
+    the buffer protocol, which has no bfloat16 ("cannot include dtype 'E'" on a real GPU)."""
+    a = np.asarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return cuda.to_device(a.view(np.uint16)).view(a.dtype)
+    return cuda.to_device(a)
+
+
 def host(a):
+    if a.dtype == ml_dtypes.bfloat16:
+        return np.asarray(a.view(np.uint16).copy_to_host()).view(a.dtype)
     return np.asarray(a.copy_to_host())
 
 
@@ -137,13 +148,13 @@ def test_loss_and_grad_match_reference(rng, path, dtype, case):
     device_opts = dict(opts)
     for key in ("weight", "grad_output"):  # device arrays for some, host arrays for others
         if isinstance(opts.get(key), np.ndarray) and case != "smooth+weight+ignore":
-            device_opts[key] = cuda.to_device(opts[key])
+            device_opts[key] = to_device(opts[key])
     grad_output = device_opts.pop("grad_output", 1.0)
     loss, grad = nx.cross_entropy_with_grad(
-        cuda.to_device(logits), cuda.to_device(targets), grad_output=grad_output, **device_opts
+        to_device(logits), to_device(targets), grad_output=grad_output, **device_opts
     )
     assert_matches(host(loss), host(grad), logits, targets, **opts)
-    loss_only = nx.cross_entropy(cuda.to_device(logits), cuda.to_device(targets), **device_opts)
+    loss_only = nx.cross_entropy(to_device(logits), to_device(targets), **device_opts)
     assert_matches(host(loss_only), None, logits, targets, **opts)
 
 
@@ -154,9 +165,9 @@ def test_normalizations_match_reference(rng, path, dtype):
     logits[1, 7] = -np.inf  # masked vocabulary entry
     x = logits.astype(np.float64)
     rtol, out_rtol = tolerances(dtype)
-    np.testing.assert_allclose(host(nx.logsumexp(cuda.to_device(logits))), ref.logsumexp(x), rtol=rtol)
+    np.testing.assert_allclose(host(nx.logsumexp(to_device(logits))), ref.logsumexp(x), rtol=rtol)
     for func, want in ((nx.softmax, ref.softmax(x)), (nx.log_softmax, ref.log_softmax(x))):
-        got = host(func(cuda.to_device(logits))).astype(np.float64)
+        got = host(func(to_device(logits))).astype(np.float64)
         np.testing.assert_allclose(got, want, rtol=out_rtol, atol=out_rtol * np.abs(want[np.isfinite(want)]).max())
 
 
@@ -176,7 +187,7 @@ def test_special_rows_follow_the_cpu(path):
     x = logits.astype(np.float64)
     for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-4}):
         cpu = nx.cross_entropy_with_grad(logits, targets, reduction="none", **opts)
-        gpu = nx.cross_entropy_with_grad(cuda.to_device(logits), cuda.to_device(targets), reduction="none", **opts)
+        gpu = nx.cross_entropy_with_grad(to_device(logits), to_device(targets), reduction="none", **opts)
         want = ref.cross_entropy(x, targets, reduction="none", **opts)
         for g, c, w in zip(gpu, cpu, want, strict=True):
             g = host(g)
@@ -185,7 +196,7 @@ def test_special_rows_follow_the_cpu(path):
             finite = np.isfinite(c)
             np.testing.assert_allclose(g[finite], w[finite], rtol=2e-5, atol=2e-6)
     for func, want in ((nx.logsumexp, ref.logsumexp(x)), (nx.softmax, ref.softmax(x)), (nx.log_softmax, None)):
-        got, cpu = host(func(cuda.to_device(logits))), func(logits)
+        got, cpu = host(func(to_device(logits))), func(logits)
         np.testing.assert_array_equal(np.isnan(got), np.isnan(cpu))
         np.testing.assert_array_equal(np.isinf(got), np.isinf(cpu))
         want = ref.log_softmax(x) if want is None else want
@@ -199,11 +210,11 @@ def test_strided_views_and_in_place(rng, path):
     fresh array stored element-wise), then the same view overwritten in place."""
     base, _ = make_case(rng, (2, 4, 151), ml_dtypes.bfloat16)
     targets = rng.integers(0, 151, size=(2, 3))
-    d_base = cuda.to_device(base)
+    d_base = to_device(base)
     view = d_base[:, :-1]
-    loss, grad = nx.cross_entropy_with_grad(view, cuda.to_device(targets), reduction="sum")
+    loss, grad = nx.cross_entropy_with_grad(view, to_device(targets), reduction="sum")
     assert_matches(host(loss), host(grad), base[:, :-1], targets, reduction="sum")
-    loss2, grad2 = nx.cross_entropy_with_grad(view, cuda.to_device(targets), reduction="sum", out=view)
+    loss2, grad2 = nx.cross_entropy_with_grad(view, to_device(targets), reduction="sum", out=view)
     assert host(loss2) == host(loss)
     np.testing.assert_array_equal(host(d_base)[:, :-1].view(np.uint16), host(grad).view(np.uint16))
     np.testing.assert_array_equal(host(d_base)[:, -1].view(np.uint16), base[:, -1].view(np.uint16))
@@ -212,20 +223,20 @@ def test_strided_views_and_in_place(rng, path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_in_place_and_given_out(rng, dtype):
     logits, targets = make_case(rng, (13, 5), dtype)  # V=5: 4 rows per block, 4 row groups
-    d_logits = cuda.to_device(logits)
+    d_logits = to_device(logits)
     out = cuda.device_array(logits.shape, logits.dtype)
-    _, grad = nx.cross_entropy_with_grad(d_logits, cuda.to_device(targets), out=out)
+    _, grad = nx.cross_entropy_with_grad(d_logits, to_device(targets), out=out)
     assert grad is out
     _, want = ref.cross_entropy(logits.astype(np.float64), targets)
     np.testing.assert_allclose(host(out).astype(np.float64), want, rtol=tolerances(dtype)[1], atol=1e-6)
-    nx.cross_entropy_with_grad(d_logits, cuda.to_device(targets), out=d_logits)
+    nx.cross_entropy_with_grad(d_logits, to_device(targets), out=d_logits)
     np.testing.assert_array_equal(host(d_logits).view(np.uint8), host(out).view(np.uint8))
 
 
 def test_small_vocabularies(rng):
     for n_cols in (1, 2, 3, 7):
         logits, targets = make_case(rng, (9, n_cols), np.float32)
-        loss, grad = nx.cross_entropy_with_grad(cuda.to_device(logits), cuda.to_device(targets), reduction="none")
+        loss, grad = nx.cross_entropy_with_grad(to_device(logits), to_device(targets), reduction="none")
         assert_matches(host(loss), host(grad), logits, targets, reduction="none")
 
 
@@ -233,31 +244,31 @@ def test_empty_and_all_ignored_batches():
     logits = np.zeros((0, 6), np.float32)
     targets = np.zeros(0, np.int64)
     for reduction, want in (("mean", np.nan), ("sum", 0.0)):
-        loss, grad = nx.cross_entropy_with_grad(cuda.to_device(logits), cuda.to_device(targets), reduction=reduction)
+        loss, grad = nx.cross_entropy_with_grad(to_device(logits), to_device(targets), reduction=reduction)
         np.testing.assert_equal(host(loss), np.float32(want))
         assert host(grad).shape == (0, 6)
-    assert host(nx.cross_entropy(cuda.to_device(logits), cuda.to_device(targets), reduction="none")).shape == (0,)
+    assert host(nx.cross_entropy(to_device(logits), to_device(targets), reduction="none")).shape == (0,)
     logits = np.random.default_rng().standard_normal((3, 6)).astype(np.float32)
-    ignored = cuda.to_device(np.full(3, -100))
-    loss, grad = nx.cross_entropy_with_grad(cuda.to_device(logits), ignored, weight=np.ones(6))
+    ignored = to_device(np.full(3, -100))
+    loss, grad = nx.cross_entropy_with_grad(to_device(logits), ignored, weight=np.ones(6))
     assert np.isnan(host(loss))
     assert not host(grad).any()
 
 
 def test_one_dimensional_logits_and_int32_targets(rng):
     logits = rng.standard_normal(11).astype(np.float64)
-    loss, grad = nx.cross_entropy_with_grad(cuda.to_device(logits), cuda.to_device(np.array(4, np.int32)))
+    loss, grad = nx.cross_entropy_with_grad(to_device(logits), to_device(np.array(4, np.int32)))
     assert_matches(host(loss), host(grad), logits, np.array(4))
     logits3, targets3 = make_case(rng, (2, 3, 17), np.float32)
-    loss = nx.cross_entropy(cuda.to_device(logits3), cuda.to_device(targets3.astype(np.int32)), reduction="none")
+    loss = nx.cross_entropy(to_device(logits3), to_device(targets3.astype(np.int32)), reduction="none")
     assert host(loss).shape == (2, 3)
     assert_matches(host(loss), None, logits3, targets3, reduction="none")
 
 
 def test_device_scalar_grad_output_for_mean(rng):
     logits, targets = make_case(rng, (4, 30), np.float32)
-    go = cuda.to_device(np.array(3.0, np.float32))
-    _, grad = nx.cross_entropy_with_grad(cuda.to_device(logits), cuda.to_device(targets), grad_output=go)
+    go = to_device(np.array(3.0, np.float32))
+    _, grad = nx.cross_entropy_with_grad(to_device(logits), to_device(targets), grad_output=go)
     _, want = ref.cross_entropy(logits.astype(np.float64), targets, grad_output=3.0)
     np.testing.assert_allclose(host(grad), want, rtol=2e-5, atol=1e-7)
 
@@ -268,9 +279,9 @@ def test_bad_targets(rng):
     targets[1, 2] = 10
     with pytest.raises(ValueError) as cpu_error:
         nx.cross_entropy(logits, targets)
-    d_logits = cuda.to_device(logits)
+    d_logits = to_device(logits)
     with pytest.raises(ValueError) as gpu_error:
-        nx.cross_entropy_with_grad(d_logits, cuda.to_device(targets), out=d_logits)
+        nx.cross_entropy_with_grad(d_logits, to_device(targets), out=d_logits)
     assert (
         str(gpu_error.value)
         == str(cpu_error.value)
@@ -280,7 +291,7 @@ def test_bad_targets(rng):
     with pytest.raises(ValueError, match=r"targets\[1, 2\] = 10"):  # host targets: checked on the host
         nx.cross_entropy(d_logits, targets)
     # Unvalidated: the bad row is NaN, the others are right, nothing is read out of bounds.
-    loss, grad = nx.cross_entropy_with_grad(d_logits, cuda.to_device(targets), reduction="none", validate=False)
+    loss, grad = nx.cross_entropy_with_grad(d_logits, to_device(targets), reduction="none", validate=False)
     loss, grad = host(loss), host(grad)
     assert np.isnan(loss[1, 2]) and np.isnan(grad[1, 2]).all()
     keep = np.ones((2, 3), bool)
@@ -289,13 +300,13 @@ def test_bad_targets(rng):
     assert_matches(loss[keep], None, logits[keep], fixed[keep], reduction="none")
     _, want = ref.cross_entropy(logits.astype(np.float64), fixed, reduction="none")
     np.testing.assert_allclose(grad[keep], want[keep], rtol=2e-5, atol=1e-7)
-    mean = nx.cross_entropy(d_logits, cuda.to_device(targets), validate=False)
+    mean = nx.cross_entropy(d_logits, to_device(targets), validate=False)
     assert np.isnan(host(mean))
 
 
 def test_host_device_mixing_errors(rng):
     logits, targets = make_case(rng, (3, 8), np.float32)
-    d_logits = cuda.to_device(logits)
+    d_logits = to_device(logits)
     with pytest.raises(TypeError, match="out is a host array"):
         nx.cross_entropy_with_grad(d_logits, targets, out=np.empty_like(logits))
     overlapping = cuda.device_array((4, 8), np.float32)
@@ -309,22 +320,19 @@ def test_host_device_mixing_errors(rng):
             d_logits, targets, None, opts, grad=False, grad_output=1.0, out=d_logits, validate=True, stream=None
         )
     with pytest.raises(ValueError, match="weight has shape"):
-        nx.cross_entropy(d_logits, targets, weight=cuda.to_device(np.ones(7)))
+        nx.cross_entropy(d_logits, targets, weight=to_device(np.ones(7)))
     with pytest.raises(ValueError, match="grad_output must be a scalar"):
-        nx.cross_entropy_with_grad(d_logits, targets, grad_output=cuda.to_device(np.ones(3)))
+        nx.cross_entropy_with_grad(d_logits, targets, grad_output=to_device(np.ones(3)))
     with pytest.raises(TypeError, match="stream must be"):
         nx.cross_entropy(d_logits, targets, stream="default")
     with pytest.raises(TypeError, match="targets must have an integer dtype"):
-        nx.cross_entropy(d_logits, cuda.to_device(targets.astype(np.float32)))
+        nx.cross_entropy(d_logits, to_device(targets.astype(np.float32)))
     assert np.isfinite(host(nx.cross_entropy(d_logits, targets, stream=cuda.stream())))
 
 
 def test_runs_are_bitwise_reproducible(rng):
     logits, targets = make_case(rng, (7, 300), np.float32)
-    results = [
-        nx.cross_entropy_with_grad(cuda.to_device(logits), cuda.to_device(targets), label_smoothing=0.1)
-        for _ in range(2)
-    ]
+    results = [nx.cross_entropy_with_grad(to_device(logits), to_device(targets), label_smoothing=0.1) for _ in range(2)]
     (l1, g1), (l2, g2) = ((host(a), host(b)) for a, b in results)
     assert l1.tobytes() == l2.tobytes() and g1.tobytes() == g2.tobytes()
 
@@ -366,11 +374,11 @@ def test_any_alignment_and_row_stride(dtype, n_rows, n_cols, offset, gap, split,
     buf = (rng.standard_normal(offset + n_rows * (n_cols + gap) + 1) * 3).astype(dtype)
     view = buf[offset : offset + n_rows * (n_cols + gap)].reshape(n_rows, n_cols + gap)[:, :n_cols]
     targets = rng.integers(0, n_cols, size=n_rows)
-    d_buf = cuda.to_device(buf)
+    d_buf = to_device(buf)
     d_view = d_buf[offset : offset + n_rows * (n_cols + gap)].reshape(n_rows, n_cols + gap)[:, :n_cols]
-    loss, grad = nx.cross_entropy_with_grad(d_view, cuda.to_device(targets), reduction="none")
+    loss, grad = nx.cross_entropy_with_grad(d_view, to_device(targets), reduction="none")
     assert_matches(host(loss), host(grad), view, targets, reduction="none")
-    nx.cross_entropy_with_grad(d_view, cuda.to_device(targets), reduction="none", out=d_view)
+    nx.cross_entropy_with_grad(d_view, to_device(targets), reduction="none", out=d_view)
     after = host(d_buf)
     got = after[offset : offset + n_rows * (n_cols + gap)].reshape(n_rows, n_cols + gap)
     np.testing.assert_array_equal(got[:, :n_cols].astype(np.float64), host(grad).astype(np.float64))
