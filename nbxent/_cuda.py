@@ -53,12 +53,14 @@ except ImportError:  # pragma: no cover
 # Tunables: the one place launch geometry is set. Tests patch them small so that several
 # blocks, several row groups per block and the split-row path all run in the simulator.
 # ----------------------------------------------------------------------------------------
-THREADS = 512  # threads per block (a power of two)
+# Defaults: the best of a sweep on an H200 (docs/gpu.md, "Measured"): 4 blocks of 256 threads
+# per SM (64 registers; ptxas spills 8-72 bytes, cheaper than the lost occupancy of 1 x 512).
+THREADS = 256  # threads per block (a power of two)
 UNROLL = 4  # 64-bit words a thread loads before it uses any (loads in flight per thread)
 MIN_GROUP = 32  # fewest threads that share one row (small V: several rows per block)
-BLOCKS_PER_SM = 1  # blocks per SM of the persistent grid; ptxas fits registers to it (1: <= 128)
+BLOCKS_PER_SM = 4  # blocks per SM of the persistent grid; ptxas fits registers to it (4 x 256: <= 64)
 SPLIT_CHUNK = 8192  # smallest row chunk (elements) when one row is split over blocks
-PREFETCH = True  # a thread asks for its next step's words before it uses this step's
+PREFETCH = False  # ask for the next step's words before using this step's (+20% at 1 x 512; nothing at 4 x 256)
 SIM_SM_COUNT = 2  # the simulator's stand-in for the SM count
 
 # Storage formats; elements per 64-bit word.
@@ -95,10 +97,11 @@ def jit_options(threads: int, blocks_per_sm: int) -> dict:
     No fast-math: no flush-to-zero (the float16 conversion needs float32 subnormals) and
     IEEE division; the fast exp is chosen explicitly below. The launch bounds make ptxas
     fit the registers to the occupancy the launch geometry assumes (at most 128 per thread
-    for one block of 512; 64 for two): a kernel that used more would silently run fewer
-    blocks per SM, and a block size it was not built for would fail to launch. With one
-    block of 512 the kernels need 70-100 registers and spill nothing; at 64 registers they
-    spill (``tests/test_cuda_ptx.py`` checks the defaults with ptxas).
+    for one block of 512; 64 for four blocks of 256): a kernel that used more would silently
+    run fewer blocks per SM, and a block size it was not built for would fail to launch.
+    With one block of 512 the kernels need 64-128 registers and spill nothing; at 64 the
+    fused kernels spill 8-72 bytes per thread, and still run faster on an H200
+    (``tests/test_cuda_ptx.py`` checks the defaults with ptxas, spills bounded).
     """
     if SIMULATOR:
         return {"fastmath": False}

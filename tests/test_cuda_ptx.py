@@ -104,9 +104,17 @@ def test_kernel_compiles_to_ptx(func, sig, fmt, job, cc, tmp_path):
         assert re.search(r"\bld\.global\.cs\.b64\b", ptx), "the second pass marks its loads last-use"
 
 
+# Spill bytes (stores, loads: as ptxas -v counts them) allowed when a kernel's launch bounds
+# cap it at 64 registers: 4 blocks of 256 threads per SM, the defaults, a geometry measured
+# faster on an H200 than 1 block of 512 without spills. The fused kernels spill up to 128 B
+# stored / 292 B loaded with ptxas 12.9 (numba-cuda reported 8-72 bytes of local memory per
+# thread on the H200); the bound catches growth. At 128 registers nothing may spill.
+SPILL_LIMIT_64 = 320
+
+
 def assemble(ptx: str, cc, threads: int, blocks: int, tmp_path) -> None:
     """ptxas (the assembler a GPU driver runs) fits the kernel in the registers its launch
-    bounds allow, without spilling to local memory."""
+    bounds allow, spilling at most ``SPILL_LIMIT_64`` bytes when that is 64 or fewer."""
     ptxas = find_ptxas()
     if ptxas is None:
         return  # it comes with the nvidia-cuda-nvcc-cu12 wheel that provides NVVM
@@ -117,8 +125,9 @@ def assemble(ptx: str, cc, threads: int, blocks: int, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", result.stderr)]
-    assert spills and not any(spills), result.stderr
-    assert registers and max(registers) <= 65536 // (threads * blocks), result.stderr
+    cap = min(255, 65536 // (threads * blocks))
+    assert spills and max(spills) <= (SPILL_LIMIT_64 if cap <= 64 else 0), result.stderr
+    assert registers and max(registers) <= cap, result.stderr
 
 
 class _WarningKernel:

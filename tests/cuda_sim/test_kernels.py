@@ -159,6 +159,22 @@ def test_loss_and_grad_match_reference(rng, path, dtype, case):
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+def test_prefetch_variant_matches_reference(rng, path, dtype, monkeypatch):
+    """PREFETCH (off by default) loads each step's words during the step before, in both
+    passes; the results must not change."""
+    monkeypatch.setattr(_cuda, "PREFETCH", True)
+    for case in ("plain", "everything"):
+        test_loss_and_grad_match_reference(rng, path, dtype, case)
+    base, _ = make_case(rng, (2, 3, 151), dtype)  # in place over a row-strided view
+    targets = rng.integers(0, 151, size=(2, 2))
+    d_base = to_device(base)
+    view = d_base[:, :-1]
+    loss, _ = nx.cross_entropy_with_grad(view, to_device(targets), reduction="sum", out=view)
+    assert_matches(host(loss), host(d_base)[:, :-1], base[:, :-1], targets, reduction="sum")
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_normalizations_match_reference(rng, path, dtype):
     logits = (rng.standard_normal((4, 131)) * 4).astype(dtype)
