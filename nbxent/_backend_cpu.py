@@ -204,7 +204,8 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     common += (acc(opts.z_loss), scale, g_buf, g_off)
     half = _half_code(logits.dtype)
     if half:
-        run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *common, half, loss_rows, lse)
+        ring = _cpu.scratch_ring(n_cols) if grad else 1
+        run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *common, half, ring, loss_rows, lse)
     else:
         in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)
         run_rows(_cpu.xent_rows, _cpu.xent_range, n_rows, n_cols, *common, in_place, loss_rows, lse)

@@ -456,3 +456,33 @@ def test_read_only_logits(dtype):
     assert np.isfinite(nx.logsumexp(logits)).all()
     np.testing.assert_allclose(nx.softmax(logits).astype(np.float64).sum(-1), 1, rtol=1e-2)
     assert nx.log_softmax(logits).shape == logits.shape
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+def test_scratch_ring_changes_no_bit(dtype, monkeypatch):
+    """The 16-bit kernels' float32 scratch row moves through a ring (``_cpu.SCRATCH_RING_BYTES``)
+    for speed; every window is rewritten before use, so the results are the same bits as with
+    one scratch row, in place or not, serial or over threads."""
+    from nbxent import _cpu
+
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((67, 3001)) * 4).astype(dtype)
+    x[3, :2000] = -np.inf  # a row whose first blocks are masked
+    t = rng.integers(0, x.shape[1], size=67)
+    t[5] = -100
+    results = []
+    for ring_bytes in (0, 3 * 3001 * 4, _cpu.SCRATCH_RING_BYTES):
+        monkeypatch.setattr(_cpu, "SCRATCH_RING_BYTES", ring_bytes)
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            with_threads = numba.get_num_threads()
+            numba.set_num_threads(threads)
+            try:
+                loss, grad = nx.cross_entropy_with_grad(x, t, reduction="none", label_smoothing=0.1)
+                xi = x.copy()
+                loss_i, _ = nx.cross_entropy_with_grad(xi, t, reduction="none", out=xi)
+            finally:
+                numba.set_num_threads(with_threads)
+            results.append((loss.tobytes(), grad.tobytes(), loss_i.tobytes(), xi.tobytes()))
+    assert all(r == results[0] for r in results)
+    want_loss, _ = ref.cross_entropy(x.astype(np.float64), t, reduction="none", label_smoothing=0.1)
+    np.testing.assert_allclose(np.frombuffer(results[0][0], np.float32), want_loss, rtol=1e-5, atol=1e-5)
