@@ -101,8 +101,10 @@ class TestSixteenBitConversions:
         nan = np.isnan(want)
         np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
         assert np.all(np.isnan(got[nan]))
-        # NaN payload and sign survive, as NumPy keeps them
-        np.testing.assert_array_equal(got[nan].view(np.uint32) >> 13, want[nan].view(np.uint32) >> 13)
+        # sign and payload survive as NumPy keeps them, a signalling NaN made quiet (the
+        # hardware conversion's rule); nothing nbxent returns carries an input's payload
+        quiet = np.uint32(1 << 22)
+        np.testing.assert_array_equal(got[nan].view(np.uint32), want[nan].view(np.uint32) | quiet)
 
     @pytest.mark.parametrize("name", ["bfloat16", "float16"])
     def test_float32_to_16_bit_rounds_to_nearest_even(self, name):
