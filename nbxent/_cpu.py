@@ -496,8 +496,9 @@ def xent_range(
 # out. A scratch row that fits in L2 (32000 entries: 128 KB) but is partly evicted by that
 # stream comes back with misses the prefetcher does not cover; a ring of windows at least
 # twice the size of L2 makes it a plain sequential stream instead (measured on this
-# project's VM, 1 MB of L2 per core: bfloat16 2048x32000, rescale-and-round sweep 10.7 ->
-# 7.3 ms on one thread; the whole fused call 18.8 -> 15.2 ms on two, docs/cpu.md).
+# project's VM, 1 MB of L2 per core, bfloat16 2048x32000: the rescale-and-round sweep alone
+# 10.7 -> 7.3 ms on one thread; the fused call 16.6 -> 13.6 ms in place and 22.1 -> 17.5 ms
+# out of place on two, docs/cpu.md).
 SCRATCH_RING_BYTES = 2 << 20
 
 
