@@ -16,6 +16,7 @@ Every timed case is one point of the grid ``shape x dtype x options x op`` from 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -192,6 +193,20 @@ def torch_cross_entropy(torch, logits, targets, *, weight=None, label_smoothing=
     return loss
 
 
+def torch_call(torch, op: str, x, targets, kwargs: dict) -> Callable[[], object]:
+    """PyTorch's side of ``op``: the forward, or forward+backward into ``x``'s gradient (on a
+    detached leaf, its gradient cleared each call). PyTorch has no in-place gradient."""
+    if op == "forward":
+        return functools.partial(torch_cross_entropy, torch, x, targets, **kwargs)
+    leaf = x.detach().requires_grad_()
+
+    def forward_backward():
+        leaf.grad = None
+        torch_cross_entropy(torch, leaf, targets, **kwargs).backward()
+
+    return forward_backward
+
+
 class Torch:
     """PyTorch on the CPU with Numba's thread count, skipped when it is not installed. It has
     no in-place gradient, so "forward+backward in place" is skipped too."""
@@ -212,16 +227,7 @@ class Torch:
         kwargs = _common.options(options, pristine.shape[1])
         if "weight" in kwargs:
             kwargs["weight"] = torch.from_numpy(kwargs["weight"]).to(x.dtype)
-        if op == "forward":
-            self.call = functools.partial(torch_cross_entropy, torch, x, targets, **kwargs)
-        else:
-            x = x.detach().requires_grad_()
-
-            def forward_backward():
-                x.grad = None
-                torch_cross_entropy(torch, x, targets, **kwargs).backward()
-
-            self.call = forward_backward
+        self.call = torch_call(torch, op, x, targets, kwargs)
         _common.warm_up_once((shape, dtype, options, op), self.call)
         self.repeat = _repeat_for(shape, (1, 3, 10.0))
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _common
 from ._common import DTYPES, OPS, OPTIONS, SHAPES
-from .bench_cpu import nbxent_call, torch_cross_entropy
+from .bench_cpu import nbxent_call, torch_call
 
 GRID = [SHAPES, DTYPES, OPTIONS, OPS]
 GRID_NAMES = ["shape", "dtype", "options", "op"]
@@ -195,16 +195,7 @@ class TorchCUDA:
             raise NotImplementedError("PyTorch with CUDA is not installed")
         torch = self.dev.torch
         x, targets, kwargs = device_inputs(shape, dtype, options)
-        if op == "forward":
-            self.call = functools.partial(torch_cross_entropy, torch, x, targets, **kwargs)
-        else:
-            x = x.detach().requires_grad_()
-
-            def forward_backward():
-                x.grad = None
-                torch_cross_entropy(torch, x, targets, **kwargs).backward()
-
-            self.call = forward_backward
+        self.call = torch_call(torch, op, x, targets, kwargs)
         _common.warm_up_once((shape, dtype, options, op), self.call)
         self.dev.synchronize()
         self.repeat = (10, 200, 2.0)
