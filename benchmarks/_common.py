@@ -146,15 +146,20 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, before: Callable[
 
 
 def copy_floor_seconds(a: np.ndarray, repeats: int = 5) -> float:
-    """Median time of ``np.copyto`` of ``a`` into a same-sized buffer: the memory floor.
+    """Median time of a parallel copy of the 2-D ``a`` into a same-sized buffer (rows split
+    over Numba's threads, ``nbxent.bench.parallel_copy``): the memory floor.
 
     A copy reads ``a.nbytes`` and writes ``a.nbytes``; its bytes-moved per second is the
-    bandwidth that a streaming kernel on this machine can hope for. The destination is
-    touched once before timing, so page faults are not counted.
+    bandwidth that a streaming kernel on this machine can hope for (``np.copyto`` uses one
+    thread: on a 2-core machine it took 2.5x as long). The destination is touched once
+    before timing, so page faults are not counted. 16-bit arrays are copied as bits.
     """
-    dst = np.empty_like(a)
-    np.copyto(dst, a)
-    return median_seconds(lambda: np.copyto(dst, a), repeats)
+    from nbxent.bench import parallel_copy
+
+    src = a.view(np.uint16) if a.dtype.itemsize == 2 else a
+    dst = np.empty_like(src)
+    parallel_copy(src, dst)
+    return median_seconds(lambda: parallel_copy(src, dst), repeats)
 
 
 def num_threads() -> int:

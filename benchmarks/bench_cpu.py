@@ -270,10 +270,11 @@ class Bandwidth(_InPlaceInputs):
     """nbxent's achieved memory bandwidth, and how close it comes to the copy floor.
 
     Bytes counted: "forward" reads the logits once (N x V x itemsize); "forward+backward in
-    place" reads them and writes the gradient over them (twice that). The floor is
-    ``np.copyto`` of the same logits, timed in the same setup (reading and writing N x V x
-    itemsize). The fraction is nbxent's bytes per second over the copy's; 1 means as fast as
-    a copy, and "forward" can exceed it since a pure read avoids the copy's write traffic.
+    place" reads them and writes the gradient over them (twice that). The floor is a
+    parallel copy of the same logits on Numba's threads (``_common.copy_floor_seconds``),
+    timed in the same setup (reading and writing N x V x itemsize). The fraction is nbxent's
+    bytes per second over the copy's; 1 means as fast as a copy, and "forward" can exceed it
+    since a pure read avoids the copy's write traffic.
     """
 
     params = [SHAPES, DTYPES, ["forward", "forward+backward in place"]]
