@@ -1,0 +1,41 @@
+"""``nbxent bench``, the main job, at toy sizes: every row is there and well formed, and the
+floors it times do what they claim. (Speed is measured by running it, never asserted here.)"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from nbxent import bench, cli
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_bench_prints_every_row(dtype, capsys):
+    assert cli.main(["bench", "--shapes", "64x1000", "3x2049", "--dtype", dtype, "--repeats", "2",
+                     "--no-torch", "--no-first-call"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    ops = ["copy (floor)", "np.copyto (1 thread)", "read (floor)", "forward", "forward+backward",
+           "forward+backward in place"]  # fmt: skip
+    if dtype == "float32":  # the NumPy peer computes in the logits' dtype: float types only
+        ops.append("NumPy forward+backward")
+    for shape in ("64×1000", "3×2049"):
+        rows = [line for line in out.splitlines() if line.startswith(f"| {shape} | {dtype} |")]
+        assert [row.split(" | ")[2] for row in rows] == ops
+        for row in rows:
+            ms, gbps, multiple = (float(v) for v in row.split(" | ")[3:6])
+            assert ms > 0 and gbps > 0 and multiple > 0
+    floors = re.findall(r"\| (?:copy|read) \(floor\) \| [^|]+ \| [^|]+ \| ([0-9.]+) \|", out)
+    assert floors == ["1.00"] * 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64])
+def test_parallel_copy_copies_every_row(dtype):
+    rng = np.random.default_rng()
+    src = rng.integers(0, 60000, size=(37, 1001)).astype(dtype)
+    dst = np.full_like(src, 7)
+    bench.parallel_copy(src, dst)
+    np.testing.assert_array_equal(dst, src)
