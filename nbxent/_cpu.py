@@ -170,31 +170,29 @@ def row_stats(x, cap, w, smooth, src16, half):
 def block_store(x, g, in_place, m, w, smooth):
     """``g_j = exp(x_j - m)`` over one block; returns the block's ``(s, sm)`` as ``block_sums``.
 
-    With ``in_place`` (``g`` is ``x``) the loop names only ``g``, so LLVM sees one pointer
-    and vectorizes it (two names for the same memory would take its scalar fallback).
+    The sums run in loops that store nothing. A loop that stored into ``g`` while summing
+    was vectorized behind a run-time check that ``x`` and ``g`` lie far enough apart, and
+    took its scalar version, which sums in another order, when they did not (two small
+    arrays allocated side by side): the same row gave results a few ulp apart from call to
+    call. With ``in_place`` (``g`` is ``x``) the store loop names only ``g``, so LLVM sees one
+    pointer and vectorizes it.
     """
     zero = as_dtype_of(x, 0)
     has_w = w.size > 0
-    s = zero
     sm = zero
+    if smooth:  # before an in-place store overwrites x
+        for j in range(x.size):
+            d = exact_sub(m, x[j])
+            sm += w[j] * d if has_w else d
     if in_place:
         for j in range(g.size):
-            v = g[j]
-            e = fast_exp(v - m)
-            g[j] = e
-            s += e
-            if smooth:
-                d = exact_sub(m, v)
-                sm += w[j] * d if has_w else d
+            g[j] = fast_exp(g[j] - m)
     else:
         for j in range(x.size):
-            v = x[j]
-            e = fast_exp(v - m)
-            g[j] = e
-            s += e
-            if smooth:
-                d = exact_sub(m, v)
-                sm += w[j] * d if has_w else d
+            g[j] = fast_exp(x[j] - m)
+    s = zero
+    for j in range(g.size):
+        s += g[j]
     return s, sm
 
 
