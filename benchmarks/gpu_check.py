@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="sweep a few geometries, time the table with the best")
     parser.add_argument("--profile", action="store_true", help="cProfile the host side of a small call")
     parser.add_argument("--tune-only", action="store_true", help="with --tune: print the best geometry, no table")
-    parser.add_argument("--tunables", help="THREADS,UNROLL,BLOCKS_PER_SM,PREFETCH(0/1) to run with")
+    parser.add_argument("--tunables", type=_geometry, help="THREADS,UNROLL,BLOCKS_PER_SM,PREFETCH(0/1) to run with")
     parser.add_argument("--name", default="gpu_check", help="file stem of the reports written under $OUT")
     parser.add_argument("--seconds", type=float, default=math.inf, help="stop the sweep after this many seconds")
     args = parser.parse_args(argv)
@@ -649,8 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         sys.setswitchinterval(5e-4)
     if args.tunables:
-        threads, unroll, blocks, prefetch = (int(v) for v in args.tunables.split(","))
-        _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH = threads, unroll, blocks, bool(prefetch)
+        _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH = args.tunables
     arrays = Arrays(simulator)
 
     lines: list[str] = []
@@ -702,6 +701,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"\ndone in {report['seconds']:.0f} s")
     save()
     return 1 if failures else 0
+
+
+def _geometry(text: str) -> tuple[int, int, int, bool]:
+    """``--tunables``: four comma-separated integers, the last 0 or 1."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts) or parts[3].strip() not in ("0", "1"):
+        raise argparse.ArgumentTypeError(
+            f"expected THREADS,UNROLL,BLOCKS_PER_SM,PREFETCH(0/1), e.g. 256,4,4,0; got {text!r}"
+        )
+    threads, unroll, blocks, prefetch = (int(p) for p in parts)
+    return threads, unroll, blocks, bool(prefetch)
 
 
 def _tunables(module) -> dict:
