@@ -239,6 +239,22 @@ def f32_to_bf16(typingctx, x):
 
 
 @intrinsic
+def f32_to_bf16_not_nan(typingctx, x):
+    """``f32_to_bf16`` for a value known not to be NaN: the same bits for every other float32
+    (infinities included), three vector operations fewer. The 16-bit gradient sweep uses it
+    for rows whose factors and sum are finite, where no entry can be NaN."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, b, sig, args):
+        u = b.bitcast(args[0], _I32)
+        odd = b.and_(b.lshr(u, _u32(16)), _u32(1))
+        return b.trunc(b.lshr(b.add(b.add(u, _u32(0x7FFF)), odd), _u32(16)), _I16)
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
 def f16_to_f32(typingctx, h):
     """IEEE half bits (uint16) -> float32, exact for every half value: LLVM's ``fpext``
     (one ``vcvtph2ps`` on x86 with F16C; a signalling NaN comes back quiet, its payload
@@ -264,6 +280,50 @@ def f32_to_f16(typingctx, x):
         return b.bitcast(b.fptrunc(args[0], ir.HalfType()), _I16)
 
     return types.uint16(types.float32), codegen
+
+
+# Format codes of 16-bit logits (``half`` arguments): IEEE half and bfloat16.
+HALF_F16, HALF_BF16 = 1, 2
+
+
+def widen(v, half):
+    """A 16-bit value's bits (uint16, format ``half``) as float32; a float passes through.
+
+    Kernels that take either float rows or 16-bit rows call it on every entry; for float rows
+    it compiles to nothing, and with a constant ``half`` to one conversion."""
+    return v
+
+
+@overload_helper(widen)
+def _widen_impl(v, half):
+    if v == types.uint16:
+        return lambda v, half: bf16_to_f32(v) if half == HALF_BF16 else f16_to_f32(v)
+    return lambda v, half: v
+
+
+@intrinsic
+def half_sort_key(typingctx, h):
+    """An int16 that orders 16-bit float bits (either format) as their values order, NaN aside:
+    ``sort_key`` in 16-bit lanes, twice as many to a vector as after widening."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, b, sig, args):
+        sign = b.ashr(args[0], ir.Constant(_I16, 15))
+        return b.xor(args[0], b.and_(sign, ir.Constant(_I16, 0x7FFF)))
+
+    return types.int16(types.uint16), codegen
+
+
+@jit_helper
+def max_bits16(src):
+    """The bits of the largest entry of 16-bit float bits (either format); like ``row_max``, a
+    NaN may or may not win. An integer max over the bits, as they are loaded."""
+    m = np.int16(-32768)
+    for j in range(src.size):
+        k = half_sort_key(src[j])
+        m = k if k > m else m
+    return np.uint16(half_sort_key(np.uint16(m)))  # the map is its own inverse
 
 
 def row_max(x):
@@ -312,17 +372,17 @@ def _row_max_impl(x):
 
 
 def as_dtype_of(x, value):
-    """``value`` cast to the dtype of array ``x``.
+    """``value`` cast to the dtype of array ``x`` (or to the type of float ``x``).
 
     Numba promotes ``float32 op int`` and ``float32 op 0.0`` to float64, which silently turns
     the float32 kernels into slow float64 code: every constant and count is cast with this.
     """
-    return x.dtype.type(value)
+    return np.asarray(x).dtype.type(value)
 
 
 @overload_helper(as_dtype_of)
 def _as_dtype_of_impl(x, value):
-    if x.dtype == types.float32:
+    if getattr(x, "dtype", x) == types.float32:
         return lambda x, value: np.float32(value)
     return lambda x, value: np.float64(value)
 

@@ -248,6 +248,27 @@ class TestCorners:
             assert np.isnan(loss[1]) and np.all(np.isnan(grad[1].astype(np.float32)))
             assert np.all(np.isfinite(loss[[0, 2]])) and np.all(np.isfinite(grad[[0, 2]].astype(np.float32)))
 
+    @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+    def test_non_finite_grad_output_gives_what_float32_gives(self, dtype):
+        """A 16-bit gradient is narrowed without a NaN test where no entry can be NaN; an
+        infinite or NaN grad_output (and a masked entry, where inf * 0 is NaN) must still
+        give the NaNs and infinities that the float32 computation gives."""
+        rng = np.random.default_rng()
+        logits = rng.standard_normal((4, 3000)).astype(dtype)
+        logits[:, 5] = -np.inf
+        targets = np.array([0, 1, 2, 2999])
+        payload_nan = np.array(0x7FFFFFFF, np.uint32).view(np.float32)  # rounding would carry it to -0
+        for grad_output in ([np.inf, -np.inf, np.nan, 1.0], [1.0, payload_nan, 1e38, np.inf]):
+            g_out = np.array(grad_output, np.float32)
+            wide = logits.astype(np.float32)
+            _, want = nx.cross_entropy_with_grad(wide, targets, grad_output=g_out, reduction="none")
+            _, got = nx.cross_entropy_with_grad(logits, targets, grad_output=g_out, reduction="none")
+            got = got.astype(np.float32)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            with np.errstate(over="ignore"):  # 1e38 is inf in float16
+                want_inf = np.isinf(want.astype(dtype).astype(np.float32))
+            np.testing.assert_array_equal(np.isinf(got), want_inf)
+
     def test_all_minus_inf_row(self):
         logits = np.full((2, 4), -np.inf, np.float32)
         logits[0] = 0
@@ -488,24 +509,29 @@ def test_scratch_ring_changes_no_bit(dtype, monkeypatch):
     np.testing.assert_allclose(np.frombuffer(results[0][0], np.float32), want_loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothing"])
-def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth):
+def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
     """The fused pass's block (exp stored into ``g``, sums returned) gives the same bits wherever
     ``g`` lies relative to ``x``. Small arrays allocated one after another often lie side by
     side; a loop that stored into ``g`` while summing was vectorized behind a run-time distance
     check whose scalar fallback summed in another order (5217 of 20000 such calls differed;
-    concurrent Dask blocks gave rows a few ulp apart)."""
+    concurrent Dask blocks gave rows a few ulp apart). 16-bit blocks are widened in the
+    store loop."""
     from nbxent import _cpu
 
     rng = np.random.default_rng()
     rows = (rng.standard_normal((23, 37)) * 3).astype(np.float32)
+    half = {"float32": 0, "float16": _cpu.HALF_F16, "bfloat16": _cpu.HALF_BF16}[fmt]
+    if half:
+        rows = rows.astype(np.float16 if fmt == "float16" else ml_dtypes.bfloat16).view(np.uint16)
     w = rng.uniform(0.5, 2.0, 37).astype(np.float32)
     m = np.float32(5.0)
 
     def block(r):
         x = rows[r].copy()
         g = np.empty(37, np.float32)  # allocated right after x more often than not
-        s, sm = _cpu.block_store(x, g, False, m, w, smooth)
+        s, sm = _cpu.block_store(x, g, False, m, w, smooth, half)
         return s, sm, g
 
     want = [block(r) for r in range(23)]
