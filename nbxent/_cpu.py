@@ -170,6 +170,18 @@ def row_stats(x, cap, w, smooth, src16, half):
     return m, s, sm
 
 
+@jit_inline
+def store_exp_sum(x, g, m, half):
+    """``g_j = exp(x_j - m)`` for 16-bit bits ``x``, returning their sum. Inlined by Numba with a
+    constant ``half``, so that the loop holds one conversion and the caller's ``reassoc``."""
+    s = as_dtype_of(g, 0)
+    for j in range(x.size):
+        e = fast_exp(widen(x[j], half) - m)
+        g[j] = e
+        s += e
+    return s
+
+
 @jit_reduce
 def block_store(x, g, in_place, m, w, smooth, half):
     """``g_j = exp(x_j - m)`` over one block; returns the block's ``(s, sm)`` as ``block_sums``.
@@ -195,17 +207,9 @@ def block_store(x, g, in_place, m, w, smooth, half):
     # always picks the vector loop and the sum can be taken as the exps are stored (8% less
     # time an entry in cache); a constant format in each loop gives one conversion an entry.
     if half == HALF_BF16:
-        for j in range(x.size):
-            e = fast_exp(widen(x[j], HALF_BF16) - m)
-            g[j] = e
-            s += e
-        return s, sm
+        return store_exp_sum(x, g, m, HALF_BF16), sm
     if half == HALF_F16:
-        for j in range(x.size):
-            e = fast_exp(widen(x[j], HALF_F16) - m)
-            g[j] = e
-            s += e
-        return s, sm
+        return store_exp_sum(x, g, m, HALF_F16), sm
     if in_place:
         for j in range(g.size):
             g[j] = fast_exp(g[j] - m)
