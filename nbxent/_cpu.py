@@ -356,8 +356,8 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
         xt = x[tgt]
     # Without soft-capping, the sum sweep stores exp(x_j - m_k) in g and the gradient sweep
     # only rescales it: one exp per entry instead of two (exp is the cost on a CPU). 16-bit
-    # rows take that pass for the loss alone too (into the scratch row), so that both calls
-    # sum in the same loop and give the same bits.
+    # rows take that pass for the loss alone too (storing into an L1 buffer, ``keep`` off),
+    # so that both calls sum in the same loop and give the same bits.
     store = (want_grad or src16 is not None) and not capped
     if store:
         m, s, sm = row_stats_store(x, g, in_place, w, eps > zero, block_m, src16, half, want_grad)

@@ -372,17 +372,17 @@ def _row_max_impl(x):
 
 
 def as_dtype_of(x, value):
-    """``value`` cast to the dtype of array ``x`` (or to the type of float ``x``).
+    """``value`` cast to the dtype of array ``x``.
 
     Numba promotes ``float32 op int`` and ``float32 op 0.0`` to float64, which silently turns
     the float32 kernels into slow float64 code: every constant and count is cast with this.
     """
-    return np.asarray(x).dtype.type(value)
+    return x.dtype.type(value)
 
 
 @overload_helper(as_dtype_of)
 def _as_dtype_of_impl(x, value):
-    if getattr(x, "dtype", x) == types.float32:
+    if x.dtype == types.float32:
         return lambda x, value: np.float32(value)
     return lambda x, value: np.float64(value)
 
