@@ -204,7 +204,7 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     common += (acc(opts.z_loss), scale, g_buf, g_off)
     half = _half_code(logits.dtype)
     if half:
-        ring = _cpu.scratch_ring(n_cols) if grad else 1
+        ring = _cpu.scratch_ring(n_cols)  # the kernel takes one window for the loss alone
         run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *common, half, ring, loss_rows, lse)
     else:
         in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)

@@ -386,15 +386,15 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
         # g holds exp(x_j - m_k): block k is scaled by a exp(m_k - m). A 16-bit output is
         # rescaled and rounded in one sweep that reads the scratch and does not write it, so
         # its target entry is then redone from the scratch, rounded exactly as the float32
-        # steps below would.
+        # steps below would. A finite sum means every stored exp is in [0, 1]: with finite
+        # factors (and no weights, which may hold anything) no entry can be NaN.
+        finite_row = s == s and math.isfinite(b)
         for lo in range(0, x.size, STATS_BLOCK):
             hi = min(lo + STATS_BLOCK, x.size)
             a_k = block_factor(a, block_m, lo // STATS_BLOCK, m)
             wb = w[lo:hi] if has_w else w
             if narrow_to is not None:
-                # a finite sum means every stored exp is in [0, 1]: with finite factors (and
-                # no weights, which may hold anything) no entry can be NaN
-                not_nan = s == s and math.isfinite(a_k) and math.isfinite(b)
+                not_nan = finite_row and math.isfinite(a_k)
                 rescale_narrow(g[lo:hi], narrow_to[lo:hi], a_k, b, wb, half, not_nan)
             else:
                 rescale_grad(g[lo:hi], a_k, b, wb)

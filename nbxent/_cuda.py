@@ -371,7 +371,7 @@ def _arithmetic(f64: bool) -> SimpleNamespace:
 
 
 @functools.cache
-def _storage(fmt: int, unroll: int, prefetch: bool = True) -> SimpleNamespace:
+def _storage(fmt: int, unroll: int, prefetch: bool) -> SimpleNamespace:
     """Helpers that read and write one storage format: element access, the statistics pass
     (``prefetch``: each step's loads are issued during the step before, see PREFETCH)."""
     PREFETCH = prefetch
@@ -545,7 +545,7 @@ def _storage(fmt: int, unroll: int, prefetch: bool = True) -> SimpleNamespace:
 
 
 @functools.cache
-def _writer(fmt: int, job: int, unroll: int, prefetch: bool = True):
+def _writer(fmt: int, job: int, unroll: int, prefetch: bool):
     """``write_span`` for one format and job (JOB_GRAD: the gradient; JOB_NORM: softmax or
     log-softmax)."""
     PREFETCH = prefetch
@@ -693,7 +693,7 @@ def _writer(fmt: int, job: int, unroll: int, prefetch: bool = True):
 
 
 @functools.cache
-def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int, prefetch: bool = True) -> dict:
+def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int, prefetch: bool) -> dict:
     """The Python functions of one kernel variant, and their explicit Numba signatures.
 
     Returns ``{"rows": (func, sig), "chunk_stats": (func, sig), "chunks": (func, sig)}``:
