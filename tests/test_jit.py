@@ -134,9 +134,9 @@ class TestSixteenBitConversions:
         dtype = ml_dtypes.bfloat16 if name == "bfloat16" else np.float16
         rng = np.random.default_rng()
         values = self.all_bits.view(dtype).astype(np.float32)
-        finite = self.all_bits[~np.isnan(values)]
-        blocks = [finite, finite[::-1], rng.permutation(finite)]
-        blocks += [rng.choice(finite, n) for n in range(1, 71) for _ in range(5)]
+        not_nan = self.all_bits[~np.isnan(values)]
+        blocks = [not_nan, not_nan[::-1], rng.permutation(not_nan)]
+        blocks += [rng.choice(not_nan, n) for n in range(1, 71) for _ in range(5)]
         blocks += [np.full(9, np.float32(-np.inf)).astype(dtype).view(np.uint16)]
         for block in blocks:
             want = block.view(dtype).astype(np.float32).max()
