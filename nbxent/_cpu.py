@@ -51,15 +51,30 @@ from ._jit import (
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
 
-# Logits per block of ``row_stats``: 8 KB of float32, which stay in L1 between the block's
-# max and its sums. 2048 was the fastest of 1024-8192 on the bench shapes.
+# Logits per block of ``row_stats``: 8 KB of float32, which stay in L1 while a block is
+# summed (and, rarely, summed again). 2048 was the fastest of 1024-8192 on the bench shapes.
 STATS_BLOCK = 2048
+
+# The block sums of ``row_stats`` take each exp against a reference max that may lie below
+# the block's entries, and clamp its exponent at EXP_CLAMP so that none can overflow; a
+# block whose sum reaches e^EXP_CLAMP is summed again against its own max. Stored exps are
+# then at most e^EXP_CLAMP (see ``row_stats_store``).
+EXP_CLAMP = 32.0
+
+
+@jit_serial
+def resum_at(x):
+    """The block sum at which a block is summed again: ``exp(EXP_CLAMP)`` in the precision (and
+    with the exp) of ``x``'s dtype, so that one clamped entry alone reaches it."""
+    return fast_exp(as_dtype_of(x, EXP_CLAMP))
 
 
 @jit_reduce
 def block_sums(x, m, cap, inv_cap, w, smooth):
-    """``(sum_j exp(xc_j - m), sum_j w_j (m - xc_j))`` over one block (see ``row_stats``)."""
+    """``(sum_j exp(min(xc_j - m, EXP_CLAMP)), sum_j w_j (m - xc_j))`` over one block (see
+    ``row_stats``)."""
     zero = as_dtype_of(x, 0)
+    clamp = as_dtype_of(x, EXP_CLAMP)
     capped = cap > zero
     has_w = w.size > 0
     s = zero
@@ -68,7 +83,8 @@ def block_sums(x, m, cap, inv_cap, w, smooth):
         v = x[j]
         if capped:
             v = cap * fast_tanh(v * inv_cap)
-        s += fast_exp(v - m)
+        d = v - m
+        s += fast_exp(clamp if d > clamp else d)  # (a NaN d stays NaN)
         if smooth:
             d = exact_sub(m, v)  # a leaf that ``reassoc`` cannot merge into the sum
             sm += w[j] * d if has_w else d
@@ -83,8 +99,8 @@ def block_sums(x, m, cap, inv_cap, w, smooth):
 
 @jit_serial
 def raise_max(m, s, sm, seen, live, mb, lo, smooth):
-    """Step 2 of ``row_stats``: a block (starting at ``lo``) whose max ``mb`` is above the
-    running max ``m`` rescales what was summed so far to the new max; the first block above
+    """Steps 1 and 3 of ``row_stats``: a block (starting at ``lo``) whose max ``mb`` is above the
+    reference max ``m`` rescales what was summed so far to the new max; the first block above
     -inf starts the sums (``live``). A NaN max makes ``m`` NaN, as a whole-row max does.
     Returns the new ``(m, s, sm, live)``."""
     if mb > m or mb != mb:
@@ -99,24 +115,34 @@ def raise_max(m, s, sm, seen, live, mb, lo, smooth):
 
 
 @jit_serial
+def cap_max(mb, cap, inv_cap):
+    """A block's max after soft-capping (tanh is monotone): ``cap * tanh(mb / cap)``."""
+    return cap * fast_tanh(mb * inv_cap) if cap > 0 else mb
+
+
+@jit_serial
 def row_stats(x, cap, w, smooth, src16, half):
     """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
 
-    Returns ``(m, s, sm)``: the row max ``m``, ``s = sum_j exp(xc_j - m)`` and, when
-    ``smooth``, ``sm = sum_j w_j (m - xc_j)`` (``w_j = 1`` when ``w`` is empty). ``sm`` is
+    Returns ``(m, s, sm)``: a reference max ``m`` (the row's max, or below it by less than
+    EXP_CLAMP), ``s = sum_j exp(xc_j - m)`` and, when ``smooth``, ``sm = sum_j w_j (m - xc_j)``
+    (``w_j = 1`` when ``w`` is empty). Any such ``m`` gives the same lse = m + log s; ``sm`` is
     accumulated relative to ``m`` so that a large common offset (1e5) does not cancel.
 
     One pass over memory (online softmax over blocks of STATS_BLOCK logits):
-    1. the block's max (an integer max: vectorized), from memory;
-    2. if it raises the running max m, rescale what was summed so far:
-       s *= exp(m_old - m_new) and sm += (m_new - m_old) * (weight summed so far);
-    3. the block's sums relative to m, from L1.
-    The exp in 3 is the cost; while it runs, the hardware prefetcher streams the next
-    block in, so memory and arithmetic overlap (a whole-row max pass and then a sum pass
-    would take their sum: 1.6x a read of the logits instead of 1.3x here).
+    1. the first block above -inf: its max is the reference max m (a loop of its own);
+    2. every block: s += sum_j exp(min(xc_j - m, EXP_CLAMP)), one loop that reads the block
+       once, from memory. The exp is the cost; while it runs, the hardware prefetcher
+       streams the next block in, so memory and arithmetic overlap;
+    3. a block whose sum reached e^EXP_CLAMP (an entry at least EXP_CLAMP - log(2048) above
+       m, or +inf) takes its max mb, now from L1; what was summed so far is rescaled to it
+       (s *= exp(m - mb), sm += (mb - m) * (weight summed so far)) and the block is summed
+       again against m = mb. Rare: a row's later blocks seldom rise that far above its first.
+    Until now every block had its max taken first, in a loop that streamed it from memory
+    with little arithmetic to hide behind: the loss alone took 1.35x the time an entry.
     Leading blocks that are all ``-inf`` (masked vocabulary) are summed at the end against
-    the final max, exactly as a two-pass computation would (exp(-inf - m) = 0, and
-    sm gets its +inf). tanh is monotone, so the capped max is the cap of the raw max.
+    the final m, exactly as a two-pass computation would (exp(-inf - m) = 0, and sm gets its
+    +inf). tanh is monotone, so the capped max is the cap of the raw max.
 
     ``src16`` (or None) holds the row as 16-bit bits (format ``half``; only soft-capped rows
     come here, the others take ``row_stats_store``): each block is widened into an 8 KB
@@ -128,6 +154,7 @@ def row_stats(x, cap, w, smooth, src16, half):
     inv_cap = as_dtype_of(x, 1) / cap if capped else zero
     has_w = w.size > 0
     n = x.size
+    big = resum_at(x)
     m = as_dtype_of(x, -np.inf)
     s = zero
     sm = zero
@@ -139,17 +166,23 @@ def row_stats(x, cap, w, smooth, src16, half):
         hi = min(lo + STATS_BLOCK, n)
         if src16 is not None:
             xb = buf[: hi - lo]
-            mb = as_dtype_of(x, widen_row_max(src16[lo:hi], xb, half))
+            if live < 0:
+                mb = as_dtype_of(x, widen_row_max(src16[lo:hi], xb, half))
+            else:
+                widen_row(src16[lo:hi], xb, half)
         else:
             xb = x[lo:hi]
-            mb = row_max(xb)
-        if capped:
-            mb = cap * fast_tanh(mb * inv_cap)
-        m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
+            if live < 0:
+                mb = row_max(xb)
         if live < 0:
-            continue
+            m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(mb, cap, inv_cap), lo, smooth)
+            if live < 0:
+                continue
         wb = w[lo:hi] if has_w else w
         bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)
+        if bs >= big:
+            m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(row_max(xb), cap, inv_cap), lo, smooth)
+            bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)
         s += bs
         sm += bsm
         if smooth:
@@ -172,37 +205,40 @@ def row_stats(x, cap, w, smooth, src16, half):
 
 @jit_inline
 def store_exp_sum(x, g, m, half):
-    """``g_j = exp(x_j - m)`` for 16-bit bits ``x``, returning their sum. Inlined by Numba with a
-    constant ``half``, so that the loop holds one conversion and the caller's ``reassoc``."""
+    """``g_j = exp(min(x_j - m, EXP_CLAMP))`` for 16-bit bits ``x``, returning their sum.
+    Inlined by Numba with a constant ``half``, so that the loop holds one conversion and the
+    caller's ``reassoc``."""
     s = as_dtype_of(g, 0)
+    clamp = as_dtype_of(g, EXP_CLAMP)
     for j in range(x.size):
-        e = fast_exp(widen(x[j], half) - m)
+        d = widen(x[j], half) - m
+        e = fast_exp(clamp if d > clamp else d)
         g[j] = e
         s += e
     return s
 
 
 @jit_reduce
-def block_store(x, g, in_place, m, w, smooth, half):
-    """``g_j = exp(x_j - m)`` over one block; returns the block's ``(s, sm)`` as ``block_sums``.
-    ``x`` may hold 16-bit bits (``half`` says which format; 0 for float blocks): they are
-    widened in the loop that takes the exp, as they are loaded.
+def block_store(x, g, m, w, smooth, half):
+    """``g_j = exp(min(x_j - m, EXP_CLAMP))`` over one block; returns the block's ``(s, sm)`` as
+    ``block_sums``. ``x`` may hold 16-bit bits (``half`` says which format; 0 for float
+    blocks): they are widened in the loop that takes the exp, as they are loaded.
 
-    The sums run in loops that store nothing. A loop that stored into ``g`` while summing
-    was vectorized behind a run-time check that ``x`` and ``g`` lie far enough apart, and
-    took its scalar version, which sums in another order, when they did not (two small
-    arrays allocated side by side): the same row gave results a few ulp apart from call to
-    call. With ``in_place`` (``g`` is ``x``) the store loop names only ``g``, so LLVM sees one
-    pointer and vectorizes it.
+    The sums of float blocks run in a loop that stores nothing. A loop that stored into
+    ``g`` while summing was vectorized behind a run-time check that ``x`` and ``g`` lie far
+    enough apart, and took its scalar version, which sums in another order, when they did
+    not (two small arrays allocated side by side): the same row gave results a few ulp apart
+    from call to call. ``g`` may be ``x`` itself (the masked leading blocks' fix-up): each
+    entry is read before it is written.
     """
     zero = as_dtype_of(g, 0)
+    clamp = as_dtype_of(g, EXP_CLAMP)
     has_w = w.size > 0
     sm = zero
     if smooth:  # before an in-place store overwrites x
         for j in range(x.size):
             d = exact_sub(m, widen(x[j], half))
             sm += w[j] * d if has_w else d
-    s = zero
     # 16-bit bits and the float32 scratch are never the same memory, so LLVM's run-time check
     # always picks the vector loop and the sum can be taken as the exps are stored (8% less
     # time an entry in cache); a constant format in each loop gives one conversion an entry.
@@ -210,67 +246,91 @@ def block_store(x, g, in_place, m, w, smooth, half):
         return store_exp_sum(x, g, m, HALF_BF16), sm
     if half == HALF_F16:
         return store_exp_sum(x, g, m, HALF_F16), sm
-    if in_place:
-        for j in range(g.size):
-            g[j] = fast_exp(g[j] - m)
-    else:
-        for j in range(x.size):
-            g[j] = fast_exp(x[j] - m)
+    for j in range(x.size):
+        d = x[j] - m
+        g[j] = fast_exp(clamp if d > clamp else d)
+    s = zero
     for j in range(g.size):
         s += g[j]
     return s, sm
 
 
 @jit_serial
+def copy_block(src, dst):
+    """``dst[:] = src`` as a plain loop (Numba's slice assignment checks for overlap first)."""
+    for j in range(src.size):
+        dst[j] = src[j]
+
+
+@jit_serial
 def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep):
     """``row_stats`` without soft-capping, in the same one pass over blocks, that also stores
-    ``g_j = exp(x_j - m_k)`` with ``m_k`` the running max when block ``k`` was read; ``m_k``
-    goes to ``block_m[k]``, and the gradient sweep scales block ``k`` by ``exp(m_k - m)``
-    (exactly 1, and skipped, for every block after the one that holds the max).
+    ``g_j = exp(min(x_j - m_k, EXP_CLAMP))`` with ``m_k`` the reference max block ``k`` was
+    summed against; ``m_k`` goes to ``block_m[k]``, and the gradient sweep scales block ``k``
+    by ``exp(m_k - m)``: exactly 1, and skipped, unless a later block was summed again
+    (``row_stats`` step 3). The stored exps are at most e^EXP_CLAMP.
+
+    In place (``g`` is ``x``), each block's exps go to an 8 KB buffer in L1 and are copied
+    to ``g`` once the block's sums stand, since a block summed again reads its logits again.
 
     A ``src16`` that is not None holds the row as 16-bit bits (format ``half``; ``x`` is ``g``, a
-    float32 scratch row): each block's max is taken over its bits (16-bit lanes), and the
-    exp loop widens the bits as it loads them, so the row is read once from memory, in step
-    with the arithmetic, and the scratch row is written once an entry. (Widening each block
-    into an L1 buffer first, the way this was done before, cost 12% more time an entry.)
-    Without ``keep`` (the loss alone), the exps of 16-bit rows go to an 8 KB buffer in L1
-    instead: writing them to the scratch row, which lives in L2, made the loss 1.3x slower.
+    float32 scratch row): the exp loop widens the bits as it loads them, so the row is read
+    once from memory, in step with the arithmetic, and the scratch row is written once an
+    entry. (Widening each block into an L1 buffer first, the way this was done before, cost
+    12% more time an entry.) Without ``keep`` (the loss alone), the exps of 16-bit rows go to
+    the L1 buffer instead: writing them to the scratch row, which lives in L2, made the loss
+    1.3x slower.
     """
     zero = as_dtype_of(x, 0)
     has_w = w.size > 0
     n = x.size
+    big = resum_at(x)
     m = as_dtype_of(x, -np.inf)
     s = zero
     sm = zero
     seen = zero
     live = -1  # start of the first block whose max is above -inf (see row_stats)
-    if src16 is not None and not keep:
+    buffered = in_place if src16 is None else not keep
+    if buffered:
         buf = np.empty(STATS_BLOCK, g.dtype)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
-        if src16 is not None:
-            mb = as_dtype_of(x, widen(max_bits16(src16[lo:hi]), half))
-        else:  # in place, read through the writable name (see block_store)
-            mb = row_max(g[lo:hi] if in_place else x[lo:hi])
-        m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
-        block_m[lo // STATS_BLOCK] = m
-        if live < 0:
-            if src16 is not None:  # kept, widened, for the fix-up after the loop
-                widen_row(src16[lo:hi], g[lo:hi], half)
-            continue
+        if live < 0:  # the reference max from the first block above -inf (row_stats step 1)
+            if src16 is not None:
+                mb = as_dtype_of(x, widen(max_bits16(src16[lo:hi]), half))
+            else:  # in place, read through the writable name
+                mb = row_max(g[lo:hi] if in_place else x[lo:hi])
+            m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
+            if live < 0:
+                block_m[lo // STATS_BLOCK] = m
+                if src16 is not None:  # kept, widened, for the fix-up after the loop
+                    widen_row(src16[lo:hi], g[lo:hi], half)
+                continue
         wb = w[lo:hi] if has_w else w
+        gb = buf[: hi - lo] if buffered else g[lo:hi]
         if src16 is not None:
-            gb = g[lo:hi] if keep else buf[: hi - lo]
-            bs, bsm = block_store(src16[lo:hi], gb, False, m, wb, smooth, half)
+            bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half)
+            if bs >= big:  # row_stats step 3
+                mb = as_dtype_of(x, widen(max_bits16(src16[lo:hi]), half))
+                m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
+                bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half)
         else:
-            bs, bsm = block_store(x[lo:hi], g[lo:hi], in_place, m, wb, smooth, 0)
+            xb = g[lo:hi] if in_place else x[lo:hi]
+            bs, bsm = block_store(xb, gb, m, wb, smooth, 0)
+            if bs >= big:  # row_stats step 3
+                m, s, sm, live = raise_max(m, s, sm, seen, live, row_max(xb), lo, smooth)
+                bs, bsm = block_store(xb, gb, m, wb, smooth, 0)
+            if in_place:
+                copy_block(gb, g[lo:hi])
+        block_m[lo // STATS_BLOCK] = m
         s += bs
         sm += bsm
         if smooth:
             seen += as_dtype_of(x, np.sum(wb)) if has_w else as_dtype_of(x, hi - lo)
     if live != 0:  # leading all--inf blocks: stored against the final max, as exp(-inf - m) = 0
         head = n if live < 0 else live
-        bs, bsm = block_store(x[:head], g[:head], in_place, m, w[:head] if has_w else w, smooth, 0)
+        xh = g[:head] if in_place else x[:head]
+        bs, bsm = block_store(xh, g[:head], m, w[:head] if has_w else w, smooth, 0)
         s += bs
         sm += bsm
         block_m[: (head + STATS_BLOCK - 1) // STATS_BLOCK] = m
@@ -386,8 +446,8 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
         # g holds exp(x_j - m_k): block k is scaled by a exp(m_k - m). A 16-bit output is
         # rescaled and rounded in one sweep that reads the scratch and does not write it, so
         # its target entry is then redone from the scratch, rounded exactly as the float32
-        # steps below would. A finite sum means every stored exp is in [0, 1]: with finite
-        # factors (and no weights, which may hold anything) no entry can be NaN.
+        # steps below would. A finite sum means every stored exp is in [0, e^EXP_CLAMP]: with
+        # finite factors (and no weights, which may hold anything) no entry can be NaN.
         finite_row = s == s and math.isfinite(b)
         for lo in range(0, x.size, STATS_BLOCK):
             hi = min(lo + STATS_BLOCK, x.size)

@@ -523,6 +523,79 @@ def test_scratch_ring_changes_no_bit(dtype, monkeypatch):
     np.testing.assert_allclose(np.frombuffer(results[0][0], np.float32), want_loss, rtol=1e-5, atol=1e-5)
 
 
+def rows_around_the_clamp(rng):
+    """Rows of 3 blocks and a bit whose later blocks rise above the first block's max: to just
+    below and just above EXP_CLAMP (one entry), near it in a whole block (no entry clamped,
+    the sum reaches e^EXP_CLAMP), and by 60 and 200 (earlier blocks' probabilities e^-60,
+    which float32 holds, and below its range). Returns the rows, the first block's max, and
+    the reference max each row's statistics must end with."""
+    from nbxent._cpu import EXP_CLAMP, STATS_BLOCK
+
+    n = 3 * STATS_BLOCK + 11
+    base = rng.standard_normal(n).astype(np.float32)
+    top = float(base[:STATS_BLOCK].max())
+    rows = np.tile(base, (5, 1))
+    rows[0, STATS_BLOCK + 5] = top + EXP_CLAMP - 1
+    rows[1, STATS_BLOCK + 5] = top + EXP_CLAMP + 1
+    rows[2, STATS_BLOCK : 2 * STATS_BLOCK] = top + EXP_CLAMP - 7 + base[STATS_BLOCK : 2 * STATS_BLOCK] / 10
+    rows[3, 2 * STATS_BLOCK + 3] = top + 60
+    rows[4, -1] = top + 200
+    ref_max = [top, rows[1].max(), rows[2].max(), rows[3].max(), rows[4].max()]
+    return rows, np.float32(top), np.array(ref_max, np.float32)
+
+
+def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
+    """White box: blocks after the first are summed against the first block's max with each
+    exponent clamped at EXP_CLAMP, and only a block whose sum reaches e^EXP_CLAMP is summed
+    again against its own max (``_cpu.row_stats``); the fused pass stores each block against
+    the max it was summed with, and agrees with the loss alone."""
+    from nbxent import _cpu
+
+    rows, top, ref_max = rows_around_the_clamp(np.random.default_rng())
+    none = np.empty(0, np.float32)
+    for r, row in enumerate(rows):
+        m, s, _ = _cpu.row_stats(row, np.float32(0), none, False, None, 0)
+        assert m == ref_max[r], r
+        block_m = np.empty(4, np.float32)
+        g = np.empty_like(row)
+        m2, s2, _ = _cpu.row_stats_store(row, g, False, none, False, block_m, None, 0, True)
+        assert (m2, s2) == (m, s), r
+        assert block_m[0] == top and block_m[-1] == m, r
+        x64 = row.astype(np.float64)
+        lse = np.log(np.sum(np.exp(x64 - x64.max()))) + x64.max()
+        np.testing.assert_allclose(m + np.log(s), lse, rtol=1e-6)
+        p = g * np.exp(np.repeat(block_m, _cpu.STATS_BLOCK)[: row.size].astype(np.float64) - m) / s
+        np.testing.assert_allclose(p, np.exp(x64 - lse), rtol=1e-5, atol=1e-37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "options", [{}, {"weight": "random", "label_smoothing": 0.2, "z_loss": 1e-3}, {"softcap": 40.0}]
+)
+def test_blocks_summed_against_a_lower_reference_max(dtype, options):
+    """Rows whose later blocks rise above the first block's max (``rows_around_the_clamp``)
+    against the reference; loss alone, fused and in place give the same bits. Without options,
+    the first block's probabilities in the row that rises by 60 (e^-60 and below) to relative
+    precision, where the dtype holds them."""
+    rng = np.random.default_rng()
+    rows, _, _ = rows_around_the_clamp(rng)
+    rows = rows.astype(dtype)
+    n = rows.shape[1]
+    targets = np.array([0, n - 1, 2500, 2 * 2048 + 3, n - 1])
+    opts = resolve(options, rng, n)
+    loss, grad = check(rows, targets, rng, reduction="none", **opts)
+    assert_same_loss(nx.cross_entropy(rows, targets, reduction="none", **opts), loss)
+    work = rows.copy()
+    loss2, grad2 = nx.cross_entropy_with_grad(work, targets, reduction="none", out=work, **opts)
+    assert_same_loss(loss2, loss)
+    np.testing.assert_array_equal(grad2.view(np.uint8), grad.view(np.uint8))
+    rtol = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2.0**-8}.get(np.dtype(dtype).name)
+    if rtol is not None and not opts:
+        _, want = ref.cross_entropy(rows.astype(np.float64), targets, reduction="none")
+        assert np.all(want[3, :2048] > 1e-36)
+        np.testing.assert_allclose(grad[3, :2048].astype(np.float64), want[3, :2048], rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_loss_alone_equals_the_fused_loss_bit_for_bit(dtype):
     """The loss-only call and the fused call sum each row in the same loops, so their losses
@@ -565,7 +638,7 @@ def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
     def block(r):
         x = rows[r].copy()
         g = np.empty(37, np.float32)  # allocated right after x more often than not
-        s, sm = _cpu.block_store(x, g, False, m, w, smooth, half)
+        s, sm = _cpu.block_store(x, g, m, w, smooth, half)
         return s, sm, g
 
     want = [block(r) for r in range(23)]
