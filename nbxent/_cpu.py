@@ -409,11 +409,9 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
     n = as_dtype_of(x, x.size)
     capped = cap > zero
     inv_cap = one / cap if capped else zero
-    # the target's logit, before a sweep may overwrite it
-    if src16 is not None:
-        xt = as_dtype_of(x, widen(src16[tgt], half))
-    else:
-        xt = x[tgt]
+    # The target's logit, read after the pass over the row unless the pass overwrites it (in
+    # place): at its start, the load missed the cache and stalled the pass behind it.
+    xt = x[tgt] if in_place and src16 is None else zero
     # Without soft-capping, the sum sweep stores exp(x_j - m_k) in g and the gradient sweep
     # only rescales it: one exp per entry instead of two (exp is the cost on a CPU). 16-bit
     # rows take that pass for the loss alone too (storing into an L1 buffer, ``keep`` off),
@@ -423,6 +421,10 @@ def xent_row(x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block
         m, s, sm = row_stats_store(x, g, in_place, w, eps > zero, block_m, src16, half, want_grad)
     else:
         m, s, sm = row_stats(x, cap, w, eps > zero, src16, half)
+    if src16 is not None:
+        xt = as_dtype_of(x, widen(src16[tgt], half))
+    elif not in_place:
+        xt = x[tgt]
     log_s = math.log(s)
     lse = m + log_s
     if capped:
