@@ -28,7 +28,8 @@ from ._jit import as_dtype_of, fast_tanh, jit_kernel, jit_serial
 def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, wt):
     """Per-row partial statistics of one vocabulary block.
 
-    For each row: ``m`` the block max of ``xc = cap * tanh(x / cap)`` (``x`` when ``cap`` is 0),
+    For each row: ``m`` a reference max of ``xc = cap * tanh(x / cap)`` (``x`` when ``cap`` is 0)
+    over the block (its max, or below it by less than ``_cpu.EXP_CLAMP``: see ``row_stats``),
     ``s = sum_j exp(xc_j - m)`` and, when ``smooth``, ``sm = sum_j w_j (m - xc_j)`` over the
     block, with ``w`` the block's slice of the class weights (empty: all 1). A block of all
     ``-inf`` gives ``m = -inf`` and ``s = sm = 0``, so that it drops out of the merge instead
@@ -71,7 +72,8 @@ def grad_row(x, g, jt, w, cap, m, a, b, c):
 
         g_j = [a exp(xc_j - m) - b w_j - c [j == jt]] * (1 - (xc_j / cap)^2)
 
-    with ``m`` the row's max and ``s`` its sum over the whole row (merged from every block),
+    with ``m`` the row's merged reference max (the largest of its blocks': every ``xc_j - m`` is
+    below ``_cpu.EXP_CLAMP``, so no exp overflows) and ``s`` its sum over the whole row (merged from every block),
     ``a = scale ((1 - eps) w_t + eps W / V + 2 z w_t lse) / s``, ``b = scale eps / V`` and
     ``c = scale (1 - eps) w_t`` computed once per row by the caller, and ``jt`` the target's
     column in the block (outside ``[0, n_cols)`` when it lies in another block). As in memory,
@@ -95,7 +97,7 @@ def grad_row(x, g, jt, w, cap, m, a, b, c):
 @jit_kernel
 def chunk_grad(x, x_off, n_cols, col0, n_classes, targets, ignore_index, w, cap, m, a, b, c, g):
     """Gradient of one vocabulary block into ``g`` (C-contiguous, rows x n_cols), given per-row
-    max ``m`` of the whole row and the per-row factors ``a``, ``b``, ``c`` of ``grad_row``.
+    reference max ``m`` of the whole row and the per-row factors ``a``, ``b``, ``c`` of ``grad_row``.
 
     Ignored rows get 0 and rows whose target is outside ``[0, n_classes)`` get NaN, as the
     in-memory kernels give.

@@ -279,6 +279,28 @@ def test_infinite_logits():
     np.testing.assert_allclose(loss, memory, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_blocks_rising_far_above_the_first(dtype):
+    """Rows whose later columns rise by 31-200 above the first ones (``rows_around_the_clamp``:
+    each vocabulary block's reference max may lie up to ``_cpu.EXP_CLAMP`` below its max) in
+    vocabulary blocks that cut across the kernels' 2048-logit blocks: merged as in memory,
+    and the float64 path against the reference."""
+    from tests.test_core import rows_around_the_clamp
+
+    rng = np.random.default_rng(23)
+    logits, _, _ = rows_around_the_clamp(rng)
+    logits = logits.astype(dtype)
+    n = logits.shape[1]
+    targets = np.array([0, n - 1, 2500, 4099, n - 1])
+    dlogits = da.from_array(logits, chunks=(2, 3000))
+    compare(logits, targets, dlogits, reduction="none", label_smoothing=0.1)
+    if dtype == np.float64:
+        loss, grad = dask.compute(*nxd.cross_entropy_with_grad(dlogits, targets, reduction="none"))
+        ref_loss, ref_grad = ref.cross_entropy(logits, targets, reduction="none")
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-9, atol=1e-300)
+
+
 @pytest.mark.parametrize("offset", [1e4, -1e5])
 def test_large_common_offset(offset):
     """A common offset does not cancel digits in the merge or the gradient."""
