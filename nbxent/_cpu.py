@@ -174,13 +174,13 @@ def row_stats(x, cap, w, smooth, src16, half):
             xb = x[lo:hi]
             if live < 0:
                 mb = row_max(xb)
-        if live < 0:
+        if live < 0:  # 1. the reference max, from the first block above -inf
             m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(mb, cap, inv_cap), lo, smooth)
             if live < 0:
                 continue
         wb = w[lo:hi] if has_w else w
-        bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)
-        if bs >= big:
+        bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)  # 2.
+        if bs >= big:  # 3. summed again against the block's own max
             m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(row_max(xb), cap, inv_cap), lo, smooth)
             bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)
         s += bs
