@@ -72,9 +72,9 @@ def grad_row(x, g, jt, w, cap, m, a, b, c):
 
         g_j = [a exp(xc_j - m) - b w_j - c [j == jt]] * (1 - (xc_j / cap)^2)
 
-    with ``m`` the row's merged reference max (the largest of its blocks': every ``xc_j - m`` is
-    below ``_cpu.EXP_CLAMP``, so no exp overflows) and ``s`` its sum over the whole row (merged from every block),
-    ``a = scale ((1 - eps) w_t + eps W / V + 2 z w_t lse) / s``, ``b = scale eps / V`` and
+    with ``m`` the row's merged reference max (the largest of its blocks': every ``xc_j - m``
+    is below ``_cpu.EXP_CLAMP``, so no exp overflows) and ``s`` its sum over the whole row
+    (merged from every block), ``a = scale ((1 - eps) w_t + eps W / V + 2 z w_t lse) / s``, ``b = scale eps / V`` and
     ``c = scale (1 - eps) w_t`` computed once per row by the caller, and ``jt`` the target's
     column in the block (outside ``[0, n_cols)`` when it lies in another block). As in memory,
     ``exp(xc_j - m) / s`` rather than ``exp(xc_j - lse)``: ``xc_j - m`` is exact, while ``lse``
@@ -96,8 +96,9 @@ def grad_row(x, g, jt, w, cap, m, a, b, c):
 
 @jit_kernel
 def chunk_grad(x, x_off, n_cols, col0, n_classes, targets, ignore_index, w, cap, m, a, b, c, g):
-    """Gradient of one vocabulary block into ``g`` (C-contiguous, rows x n_cols), given per-row
-    reference max ``m`` of the whole row and the per-row factors ``a``, ``b``, ``c`` of ``grad_row``.
+    """Gradient of one vocabulary block into ``g`` (C-contiguous, rows x n_cols), given the
+    per-row reference max ``m`` of the whole row and the per-row factors ``a``, ``b``, ``c`` of
+    ``grad_row``.
 
     Ignored rows get 0 and rows whose target is outside ``[0, n_classes)`` get NaN, as the
     in-memory kernels give.

@@ -11,10 +11,10 @@ dtypes and errors. The graph, for logits of row blocks ``i`` and vocabulary bloc
    functions (sums over rows are taken block by block, so they may differ in the last bits).
 2. Vocabulary in several blocks: block ``(i, j)`` gives per-row partial statistics (``STATS``:
    reference max ``m`` (the block's max or less than ``_cpu.EXP_CLAMP`` below it: any ``m``
-   gives the same lse), ``s = sum exp(xc - m)``, ``sm = sum w (m - xc)``, the target's logit and weight
-   when the target is in the block, the block's weight sum). A tree reduction along the
-   vocabulary (``da.reduction`` with ``combine``) merges them with the online-softmax rule,
-   rescaling to the larger max ``M``::
+   gives the same lse), ``s = sum exp(xc - m)``, ``sm = sum w (m - xc)``, the target's logit
+   and weight when the target is in the block, the block's weight sum). A tree reduction
+   along the vocabulary (``da.reduction`` with ``combine``) merges them with the online-softmax
+   rule, rescaling to the larger max ``M``::
 
        s = sum_j s_j exp(m_j - M),   sm = sum_j [sm_j + (M - m_j) wc_j]
 
