@@ -524,34 +524,38 @@ def test_scratch_ring_changes_no_bit(dtype, monkeypatch):
 
 
 def rows_around_the_clamp(rng):
-    """Rows of 3 blocks and a bit whose later blocks rise above the first block's max: to just
-    below and just above EXP_CLAMP (one entry), near it in a whole block (no entry clamped,
-    the sum reaches e^EXP_CLAMP), and by 60 and 200 (earlier blocks' probabilities e^-60,
-    which float32 holds, and below its range). Returns the rows, the first block's max, and
-    the reference max each row's statistics must end with."""
-    from nbxent._cpu import EXP_CLAMP, STATS_BLOCK
+    """Rows of 3 blocks and a bit that rise above the reference max their first block gives
+    (the max of its first REF_SAMPLE logits): later blocks to just below and just above
+    EXP_CLAMP (one entry), near it in a whole block (no entry clamped, the sum reaches
+    e^EXP_CLAMP), and by 60 and 200 (earlier blocks' probabilities e^-60, which float32 holds,
+    and below its range); the last row rises past EXP_CLAMP within its first block. Returns
+    the rows, the reference max each row's first block must be stored against, and the one
+    each row's statistics must end with."""
+    from nbxent._cpu import EXP_CLAMP, REF_SAMPLE, STATS_BLOCK
 
     n = 3 * STATS_BLOCK + 11
     base = rng.standard_normal(n).astype(np.float32)
-    top = float(base[:STATS_BLOCK].max())
-    rows = np.tile(base, (5, 1))
+    top = float(base[:REF_SAMPLE].max())
+    rows = np.tile(base, (6, 1))
     rows[0, STATS_BLOCK + 5] = top + EXP_CLAMP - 1
     rows[1, STATS_BLOCK + 5] = top + EXP_CLAMP + 1
     rows[2, STATS_BLOCK : 2 * STATS_BLOCK] = top + EXP_CLAMP - 7 + base[STATS_BLOCK : 2 * STATS_BLOCK] / 10
     rows[3, 2 * STATS_BLOCK + 3] = top + 60
     rows[4, -1] = top + 200
-    ref_max = [top, rows[1].max(), rows[2].max(), rows[3].max(), rows[4].max()]
-    return rows, np.float32(top), np.array(ref_max, np.float32)
+    rows[5, REF_SAMPLE + 7] = top + EXP_CLAMP + 1
+    first_m = [top] * 5 + [rows[5].max()]
+    ref_max = [top] + [rows[r].max() for r in range(1, 6)]  # rows[0] is never summed again
+    return rows, np.array(first_m, np.float32), np.array(ref_max, np.float32)
 
 
 def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
-    """White box: blocks after the first are summed against the first block's max with each
-    exponent clamped at EXP_CLAMP, and only a block whose sum reaches e^EXP_CLAMP is summed
+    """White box: blocks are summed against the max of the first block's first REF_SAMPLE
+    logits with each exponent clamped at EXP_CLAMP, and only a block whose sum reaches e^EXP_CLAMP is summed
     again against its own max (``_cpu.row_stats``); the fused pass stores each block against
     the max it was summed with, and agrees with the loss alone."""
     from nbxent import _cpu
 
-    rows, top, ref_max = rows_around_the_clamp(np.random.default_rng())
+    rows, first_m, ref_max = rows_around_the_clamp(np.random.default_rng())
     none = np.empty(0, np.float32)
     for r, row in enumerate(rows):
         m, s, _ = _cpu.row_stats(row, np.float32(0), none, False, None, 0)
@@ -560,7 +564,7 @@ def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
         g = np.empty_like(row)
         m2, s2, _ = _cpu.row_stats_store(row, g, False, none, False, block_m, None, 0, True)
         assert (m2, s2) == (m, s), r
-        assert block_m[0] == top and block_m[-1] == m, r
+        assert block_m[0] == first_m[r] and block_m[-1] == m, r
         x64 = row.astype(np.float64)
         lse = np.log(np.sum(np.exp(x64 - x64.max()))) + x64.max()
         np.testing.assert_allclose(m + np.log(s), lse, rtol=1e-6)
@@ -573,9 +577,10 @@ def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
     "options", [{}, {"weight": "random", "label_smoothing": 0.2, "z_loss": 1e-3}, {"softcap": 40.0}]
 )
 def test_blocks_summed_against_a_lower_reference_max(dtype, options):
-    """Rows whose later blocks rise above the first block's max (``rows_around_the_clamp``)
-    against the reference; loss alone, fused and in place give the same bits. Without options,
-    the first block's probabilities in the row that rises by 60 (e^-60 and below) to relative
+    """Rows whose blocks rise above the reference max of their first block
+    (``rows_around_the_clamp``) against the reference; loss alone, fused and in place give
+    the same bits. Without options, the first block's probabilities in the row that rises by
+    60 (e^-60 and below) and in the one that rises within its first block (e^-33) to relative
     precision, where the dtype holds them."""
     from nbxent._cpu import STATS_BLOCK
 
@@ -583,7 +588,7 @@ def test_blocks_summed_against_a_lower_reference_max(dtype, options):
     rows, _, _ = rows_around_the_clamp(rng)
     rows = rows.astype(dtype)
     n = rows.shape[1]
-    targets = np.array([0, n - 1, STATS_BLOCK + 9, 2 * STATS_BLOCK + 3, n - 1])
+    targets = np.array([0, n - 1, STATS_BLOCK + 9, 2 * STATS_BLOCK + 3, n - 1, n - 2])
     opts = resolve(options, rng, n)
     loss, grad = check(rows, targets, rng, reduction="none", **opts)
     assert_same_loss(nx.cross_entropy(rows, targets, reduction="none", **opts), loss)
@@ -595,8 +600,9 @@ def test_blocks_summed_against_a_lower_reference_max(dtype, options):
     if rtol is not None and not opts:
         _, want = ref.cross_entropy(rows.astype(np.float64), targets, reduction="none")
         first = slice(0, STATS_BLOCK)
-        assert np.all(want[3, first] > 1e-36)
-        np.testing.assert_allclose(grad[3, first].astype(np.float64), want[3, first], rtol=rtol)
+        for r in (3, 5):
+            assert np.all(want[r, first] > 1e-36)
+            np.testing.assert_allclose(grad[r, first].astype(np.float64), want[r, first], rtol=rtol, err_msg=r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)

@@ -291,7 +291,7 @@ def test_blocks_rising_far_above_the_first(dtype):
     logits, _, _ = rows_around_the_clamp(rng)
     logits = logits.astype(dtype)
     n = logits.shape[1]
-    targets = np.array([0, n - 1, 2500, 4099, n - 1])
+    targets = np.array([0, n - 1, 2500, 4099, n - 1, n - 2])
     dlogits = da.from_array(logits, chunks=(2, 3000))
     compare(logits, targets, dlogits, reduction="none", label_smoothing=0.1)
     if dtype == np.float64:
