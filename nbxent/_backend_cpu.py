@@ -203,11 +203,12 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     common = (x_buf, x_off, n_cols, t, opts.ignore_index, w, w_sum, acc(opts.softcap), acc(opts.label_smoothing))
     common += (acc(opts.z_loss), scale, g_buf, g_off)
     half = _half_code(logits.dtype)
+    in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)
     if half:
         ring = _cpu.scratch_ring(n_cols)  # the kernel takes one window for the loss alone
-        run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *common, half, ring, loss_rows, lse)
+        args = (*common, half, ring, in_place, loss_rows, lse)
+        run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *args)
     else:
-        in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)
         run_rows(_cpu.xent_rows, _cpu.xent_range, n_rows, n_cols, *common, in_place, loss_rows, lse)
     if copy_back is not None:
         np.copyto(copy_back, result)

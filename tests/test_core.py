@@ -175,6 +175,33 @@ def test_in_place_gradient_equals_out_of_place(dtype):
     assert not np.array_equal(original.view(np.uint8), logits.view(np.uint8))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_out_of_place_gradient_over_blocks_equals_in_place(dtype):
+    """Rows of several blocks, without soft-capping (the pass that stores exps; 16-bit, it
+    zeroes each block of a separate ``out`` ahead of the sweep): a leading masked block, a
+    block summed again, an ignored row. Every entry of an ``out`` full of NaN is written, with
+    the bits of the in-place gradient."""
+    from nbxent import _cpu
+
+    rng = np.random.default_rng()
+    n = 2 * _cpu.STATS_BLOCK + 37
+    logits, targets = make_case(rng, (5, n), dtype, n_ignored=1, scale=2.0)
+    x = logits.astype(np.float32)
+    x[1, : _cpu.STATS_BLOCK] = -np.inf  # masked leading block
+    x[2, _cpu.STATS_BLOCK + 5] = x[2].max() + 2 * _cpu.EXP_CLAMP  # its block is summed again
+    logits = x.astype(dtype)
+    targets[targets >= 0] = rng.integers(_cpu.STATS_BLOCK, n, size=np.sum(targets >= 0))
+    for opts in ({}, {"label_smoothing": 0.1, "weight": rng.uniform(0.5, 2, n)}):
+        out = np.full_like(logits, np.nan)
+        loss, grad = nx.cross_entropy_with_grad(logits, targets, out=out, **opts)
+        assert grad is out
+        in_place = logits.copy()
+        loss2, _ = nx.cross_entropy_with_grad(in_place, targets, out=in_place, **opts)
+        np.testing.assert_array_equal(loss, loss2)
+        np.testing.assert_array_equal(out.view(np.uint8), in_place.view(np.uint8))
+        check(logits, targets, **opts)
+
+
 def test_inputs_are_never_modified():
     rng = np.random.default_rng()
     logits, targets = make_case(rng, (4, 33), np.float32)
