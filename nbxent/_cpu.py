@@ -295,8 +295,8 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep, claim
     its blocks is zeroed as the pass reaches it, so that its cache lines are fetched for
     writing while the exps are computed and are in cache when the final sweep writes them.
     Left to the sweep, which does little arithmetic an entry, those fetches stalled it:
-    bfloat16 and float16 out of place 1.12-1.22x faster with rows of 32000-128256 (two threads,
-    in-process A/B), no change at 256000, whose row and scratch no longer fit in L2.
+    bfloat16 and float16 out of place 1.06-1.22x faster with rows of 32000-128256 (two
+    threads, in-process A/B). Longer rows are not claimed (``CLAIM_MAX_COLS``).
     """
     zero = as_dtype_of(x, 0)
     has_w = w.size > 0
@@ -604,6 +604,13 @@ def xent_range(
 # out of place on two, docs/cpu.md).
 SCRATCH_RING_BYTES = 2 << 20
 
+# Out of place, the fused 16-bit pass zeroes each block of the output row as it goes, so that
+# the sweep finds its lines in cache (``row_stats_store``), when the row's float32 scratch and
+# 16-bit output (6 bytes an entry) fit in L2: at 128256 entries (770 KB) that was 1.06-1.17x
+# faster on two threads, at 256000 (1.5 MB) the zeroed lines were evicted before the sweep
+# and it was 0.85-1.00x (this project's VM, 1 MB of L2 per core).
+CLAIM_MAX_COLS = 1 << 17
+
 
 def scratch_ring(n_cols: int) -> int:
     """Rows of float32 scratch in the ring: enough for ``SCRATCH_RING_BYTES``, at least 1."""
@@ -640,9 +647,11 @@ def xent_range_16(
 
     The scratch row is a window that moves through a ring of ``ring`` rows (row ``i`` uses
     window ``i % ring``); see ``scratch_ring``. ``in_place`` says that ``g`` is ``x``; out of
-    place, the fused pass claims each output block ahead of the sweep (``row_stats_store``).
+    place, the fused pass claims each output block ahead of the sweep (``row_stats_store``)
+    in rows of up to CLAIM_MAX_COLS logits.
     """
     want_grad = scale.size > 0
+    claim = not in_place and n_cols <= CLAIM_MAX_COLS
     ring = max(1, min(ring, hi - lo)) if want_grad else 1  # the loss alone reads no scratch back
     ring_buf = np.empty(ring * n_cols, dtype=np.float32)
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, np.float32)
@@ -673,7 +682,7 @@ def xent_range_16(
             )
         else:  # fused: the bits widened block by block as the one pass reads them
             loss[i], lse[i] = xent_row(
-                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, xr, gr, half, not in_place
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, xr, gr, half, claim
             )
 
 
