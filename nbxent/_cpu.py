@@ -221,8 +221,54 @@ def store_exp_sum(x, g, m, half):
     return s
 
 
+@jit_inline
+def store_exp_sum_capped(x, g, m, half, cap):
+    """``store_exp_sum`` after soft-capping, ``xc_j = cap tanh(x_j / cap)``: stores
+    ``exp(min(xc_j - m, EXP_CLAMP)) * (1 - (xc_j / cap)^2)`` (the exp times dxc_j/dx_j) and
+    returns the sum of the exps alone."""
+    one = as_dtype_of(g, 1)
+    inv_cap = one / cap
+    s = as_dtype_of(g, 0)
+    clamp = as_dtype_of(g, EXP_CLAMP)
+    for j in range(x.size):
+        v = cap * fast_tanh(widen(x[j], half) * inv_cap)
+        d = v - m
+        e = fast_exp(clamp if d > clamp else d)
+        r = v * inv_cap
+        g[j] = e * (one - r * r)
+        s += e
+    return s
+
+
+@jit_inline
+def store_capped(x, g, m, cap, ebuf):
+    """``store_exp_sum_capped`` for float ``x`` (at most ``ebuf.size`` entries): the exps go
+    to ``ebuf`` and are summed there, in a loop that stores nothing else (``block_store``);
+    an empty ``g`` (the loss alone) is not written. Loops from 0: indexing ``ebuf`` from an
+    offset kept LLVM from vectorizing (4x slower)."""
+    one = as_dtype_of(ebuf, 1)
+    inv_cap = one / cap
+    clamp = as_dtype_of(ebuf, EXP_CLAMP)
+    if g.size == 0:
+        for j in range(x.size):
+            d = cap * fast_tanh(x[j] * inv_cap) - m
+            ebuf[j] = fast_exp(clamp if d > clamp else d)
+    else:
+        for j in range(x.size):
+            v = cap * fast_tanh(x[j] * inv_cap)
+            d = v - m
+            e = fast_exp(clamp if d > clamp else d)
+            r = v * inv_cap
+            ebuf[j] = e
+            g[j] = e * (one - r * r)
+    s = as_dtype_of(ebuf, 0)
+    for j in range(x.size):
+        s += ebuf[j]
+    return s
+
+
 @jit_reduce
-def block_store(x, g, m, w, smooth, half):
+def block_store(x, g, m, w, smooth, half, cap, ebuf):
     """``g_j = exp(min(x_j - m, EXP_CLAMP))`` over one block; returns the block's ``(s, sm)`` as
     ``block_sums``. ``x`` may hold 16-bit bits (``half`` says which format; 0 for float
     blocks): they are widened in the loop that takes the exp, as they are loaded.
@@ -233,6 +279,12 @@ def block_store(x, g, m, w, smooth, half):
     not (two small arrays allocated side by side): the same row gave results a few ulp apart
     from call to call. ``g`` may be ``x`` itself (the masked leading blocks' fix-up): each
     entry is read before it is written.
+
+    With soft-capping (``cap > 0``; only without ``smooth``, whose sum would need the capped
+    logits), ``g_j`` is the exp times the cap's derivative ``1 - (xc_j / cap)^2``, so that the
+    gradient sweep needs no tanh and no exp; the exps themselves, summed, go through ``ebuf``
+    (STATS_BLOCK float entries in L1) for float blocks and are summed in the store loop for
+    16-bit ones.
     """
     zero = as_dtype_of(g, 0)
     clamp = as_dtype_of(g, EXP_CLAMP)
@@ -245,6 +297,16 @@ def block_store(x, g, m, w, smooth, half):
     # 16-bit bits and the float32 scratch are never the same memory, so LLVM's run-time check
     # always picks the vector loop and the sum can be taken as the exps are stored (8% less
     # time an entry in cache); a constant format in each loop gives one conversion an entry.
+    if cap > zero:
+        if half == HALF_BF16:
+            return store_exp_sum_capped(x, g, m, HALF_BF16, cap), sm
+        if half == HALF_F16:
+            return store_exp_sum_capped(x, g, m, HALF_F16, cap), sm
+        s = zero
+        for c0 in range(0, x.size, ebuf.size):  # one piece for a block
+            c1 = min(c0 + ebuf.size, x.size)
+            s += store_capped(x[c0:c1], g[c0:c1] if g.size else g, m, cap, ebuf)
+        return s, sm
     if half == HALF_BF16:
         return store_exp_sum(x, g, m, HALF_BF16), sm
     if half == HALF_F16:
@@ -273,7 +335,7 @@ def zero_block(dst):
 
 
 @jit_serial
-def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep, claim=None):
+def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, keep, claim=None):
     """``row_stats`` without soft-capping, in the same one pass over blocks, that also stores
     ``g_j = exp(min(x_j - m_k, EXP_CLAMP))`` with ``m_k`` the reference max block ``k`` was
     summed against; ``m_k`` goes to ``block_m[k]``, and the gradient sweep scales block ``k``
@@ -289,7 +351,11 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep, claim
     entry. (Widening each block into an L1 buffer first, the way this was done before, cost
     12% more time an entry.) Without ``keep`` (the loss alone), the exps of 16-bit rows go to
     the L1 buffer instead: writing them to the scratch row, which lives in L2, made the loss
-    1.3x slower.
+    1.3x slower. Soft-capped float rows come here for the loss alone too, with an empty ``g``.
+
+    Soft-capped rows (``cap > 0``, never with ``smooth``) store the exps times the cap's
+    derivative instead (``block_store``, which sums the exps through ``ebuf``); the reference
+    max and the max of a block summed again are capped (tanh is monotone).
 
     ``claim``, when not None, is the 16-bit output row of an out-of-place gradient: each of
     its blocks is zeroed as the pass reaches it, so that its cache lines are fetched for
@@ -299,6 +365,7 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep, claim
     threads, in-process A/B). Longer rows are not claimed (``CLAIM_MAX_COLS``).
     """
     zero = as_dtype_of(x, 0)
+    inv_cap = as_dtype_of(x, 1) / cap if cap > zero else zero
     has_w = w.size > 0
     n = x.size
     big = resum_at(x)
@@ -322,7 +389,7 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep, claim
                 mb = row_max(g[lo:smp] if in_place else x[lo:smp])
                 if mb == -np.inf:
                     mb = row_max(g[lo:hi] if in_place else x[lo:hi])
-            m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
+            m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(mb, cap, inv_cap), lo, smooth)
             if live < 0:
                 block_m[lo // STATS_BLOCK] = m
                 if src16 is not None:  # kept, widened, for the fix-up after the loop
@@ -333,17 +400,18 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep, claim
         if src16 is not None:
             if claim is not None:
                 zero_block(claim[lo:hi])
-            bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half)
+            bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half, cap, ebuf)
             if bs >= big:  # row_stats step 3
-                mb = as_dtype_of(x, widen(max_bits16(src16[lo:hi]), half))
+                mb = cap_max(as_dtype_of(x, widen(max_bits16(src16[lo:hi]), half)), cap, inv_cap)
                 m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
-                bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half)
+                bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half, cap, ebuf)
         else:
             xb = g[lo:hi] if in_place else x[lo:hi]
-            bs, bsm = block_store(xb, gb, m, wb, smooth, 0)
+            bs, bsm = block_store(xb, gb, m, wb, smooth, 0, cap, ebuf)
             if bs >= big:  # row_stats step 3
-                m, s, sm, live = raise_max(m, s, sm, seen, live, row_max(xb), lo, smooth)
-                bs, bsm = block_store(xb, gb, m, wb, smooth, 0)
+                mb = cap_max(row_max(xb), cap, inv_cap)
+                m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
+                bs, bsm = block_store(xb, gb, m, wb, smooth, 0, cap, ebuf)
             if in_place:
                 copy_block(gb, g[lo:hi])
         block_m[lo // STATS_BLOCK] = m
@@ -354,7 +422,7 @@ def row_stats_store(x, g, in_place, w, smooth, block_m, src16, half, keep, claim
     if live != 0:  # leading all--inf blocks: stored against the final max, as exp(-inf - m) = 0
         head = n if live < 0 else live
         xh = g[:head] if in_place else x[:head]
-        bs, bsm = block_store(xh, g[:head], m, w[:head] if has_w else w, smooth, 0)
+        bs, bsm = block_store(xh, g[:head], m, w[:head] if has_w else w, smooth, 0, cap, ebuf)
         s += bs
         sm += bsm
         block_m[: (head + STATS_BLOCK - 1) // STATS_BLOCK] = m
@@ -406,7 +474,7 @@ def narrow_value(v, half):
 
 @jit_serial
 def xent_row(
-    x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block_m, src16, narrow_to, half, claim=False
+    x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block_m, ebuf, src16, narrow_to, half, claim=False
 ):
     """Loss (and gradient into ``g``) of one row whose target ``tgt`` is a valid class.
 
@@ -424,7 +492,8 @@ def xent_row(
     times ``scale`` (grad_output, divided by the weight sum for 'mean'), times the soft-cap
     factor d xc / d x = 1 - (xc / cap)^2. ``g`` may be ``x`` itself (say so with
     ``in_place``): each entry is read before it is written, the target's entry up front.
-    ``block_m`` is scratch for ``row_stats_store`` (one entry per STATS_BLOCK logits).
+    ``block_m`` and ``ebuf`` are scratch for ``row_stats_store`` (one entry per STATS_BLOCK
+    logits; STATS_BLOCK entries when ``cap > 0``, else none).
 
     16-bit rows (bits in format ``half``): ``x`` and ``g`` are the same float32 scratch row,
     ``src16`` is the row to widen into it block by block (``row_stats_store``) or None, and
@@ -440,15 +509,18 @@ def xent_row(
     # The target's logit, read after the pass over the row unless the pass overwrites it (in
     # place): at its start, the load missed the cache and stalled the pass behind it.
     xt = x[tgt] if in_place and src16 is None else zero
-    # Without soft-capping, the sum sweep stores exp(x_j - m_k) in g and the gradient sweep
-    # only rescales it: one exp per entry instead of two (exp is the cost on a CPU). 16-bit
-    # rows take that pass for the loss alone too (storing into an L1 buffer, ``keep`` off),
-    # so that both calls sum in the same loop and give the same bits.
-    store = (want_grad or src16 is not None) and not capped
+    # The sum sweep stores exp(xc_j - m_k) in g (times dxc_j/dx_j when soft-capped) and the
+    # gradient sweep only rescales it: one exp (and tanh) per entry instead of two (they are
+    # the cost on a CPU). Not for soft-capped rows with smoothing, whose gradient needs
+    # dxc_j/dx_j apart. 16-bit and soft-capped rows take that pass for the loss alone too
+    # (storing into an L1 buffer, ``keep`` off), so that both calls sum in the same loop and
+    # give the same bits.
+    store = (want_grad or src16 is not None or capped) and not (capped and eps > zero)
+    smooth = eps > zero
     if store and claim and narrow_to is not None:
-        m, s, sm = row_stats_store(x, g, in_place, w, eps > zero, block_m, src16, half, want_grad, narrow_to)
+        m, s, sm = row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, want_grad, narrow_to)
     elif store:
-        m, s, sm = row_stats_store(x, g, in_place, w, eps > zero, block_m, src16, half, want_grad)
+        m, s, sm = row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, want_grad)
     else:
         m, s, sm = row_stats(x, cap, w, eps > zero, src16, half)
     if src16 is not None:
@@ -492,7 +564,11 @@ def xent_row(
                 rescale_grad(g[lo:hi], a_k, b, wb)
         if narrow_to is not None:
             g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_w else b)
-            narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt, half)
+            d_t = one
+            if capped:  # g_t holds the cap's derivative already; the target's term gets it here
+                r = xt * inv_cap
+                d_t = one - r * r
+            narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt * d_t, half)
             return loss, lse
     elif in_place:  # one array argument: LLVM sees no aliasing and vectorizes (3x here)
         write_grad(g, g, m, a, b, w, cap)  # g is x: read through the writable name
@@ -579,6 +655,7 @@ def xent_range(
     """
     want_grad = scale.size > 0
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, x.dtype)
+    ebuf = np.empty(STATS_BLOCK if cap > 0 else 0, x.dtype)
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
         gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
@@ -591,7 +668,7 @@ def xent_range(
             continue
         row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
         loss[i], lse[i] = xent_row(
-            xr, gr, in_place, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad, block_m, None, None, 0
+            xr, gr, in_place, targets[i], w, w_sum, cap, eps, z, row_scale, want_grad, block_m, ebuf, None, None, 0
         )
 
 
@@ -655,6 +732,7 @@ def xent_range_16(
     ring = max(1, min(ring, hi - lo)) if want_grad else 1  # the loss alone reads no scratch back
     ring_buf = np.empty(ring * n_cols, dtype=np.float32)
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, np.float32)
+    ebuf = np.empty(STATS_BLOCK if cap > 0 else 0, np.float32)
     for i in range(lo, hi):
         r0 = ((i - lo) % ring) * n_cols
         scratch = ring_buf[r0 : r0 + n_cols]
@@ -671,18 +749,18 @@ def xent_range_16(
         if not want_grad:  # the loss: blocks widened as the one pass reaches them
             no_scale = as_dtype_of(loss, 0)
             loss[i], lse[i] = xent_row(
-                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, no_scale, False, block_m, xr, None, half
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, no_scale, False, block_m, ebuf, xr, None, half
             )
             continue
         gr = g[g_off[i] : g_off[i] + n_cols]
-        if cap > 0:  # no stored exp: the sweeps need the whole row widened
+        if cap > 0 and eps > 0:  # no stored exp (xent_row): the sweeps need the whole row widened
             widen_row(xr, scratch, half)
             loss[i], lse[i] = xent_row(
-                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, None, gr, half
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, ebuf, None, gr, half
             )
         else:  # fused: the bits widened block by block as the one pass reads them
             loss[i], lse[i] = xent_row(
-                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, xr, gr, half, claim
+                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, ebuf, xr, gr, half, claim
             )
 
 

@@ -177,10 +177,11 @@ def test_in_place_gradient_equals_out_of_place(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_out_of_place_gradient_over_blocks_equals_in_place(dtype):
-    """Rows of several blocks, without soft-capping (the pass that stores exps; 16-bit, it
-    zeroes each block of a separate ``out`` ahead of the sweep): a leading masked block, a
-    block summed again, an ignored row. Every entry of an ``out`` full of NaN is written, with
-    the bits of the in-place gradient."""
+    """Rows of several blocks through the pass that stores exps (soft-capped ones too, times
+    the cap's derivative; 16-bit, it zeroes each block of a separate ``out`` ahead of the
+    sweep): a leading masked block, blocks summed again (capped at 30 too), an ignored row.
+    Every entry of an ``out`` full of NaN is written, with the bits of the in-place gradient,
+    and both match the reference."""
     from nbxent import _cpu
 
     rng = np.random.default_rng()
@@ -189,9 +190,18 @@ def test_out_of_place_gradient_over_blocks_equals_in_place(dtype):
     x = logits.astype(np.float32)
     x[1, : _cpu.STATS_BLOCK] = -np.inf  # masked leading block
     x[2, _cpu.STATS_BLOCK + 5] = x[2].max() + 2 * _cpu.EXP_CLAMP  # its block is summed again
+    x[3, : _cpu.STATS_BLOCK] -= 50  # capped at 30: -27.6 and below, then a rise to 29.9
+    x[3, _cpu.STATS_BLOCK + 9] = 70
     logits = x.astype(dtype)
     targets[targets >= 0] = rng.integers(_cpu.STATS_BLOCK, n, size=np.sum(targets >= 0))
-    for opts in ({}, {"label_smoothing": 0.1, "weight": rng.uniform(0.5, 2, n)}):
+    weight = rng.uniform(0.5, 2, n)
+    for opts in (
+        {},
+        {"label_smoothing": 0.1, "weight": weight},
+        {"softcap": 30.0},
+        {"softcap": 30.0, "z_loss": 1e-3, "weight": weight},
+        {"softcap": 30.0, "label_smoothing": 0.1},
+    ):
         out = np.full_like(logits, np.nan)
         loss, grad = nx.cross_entropy_with_grad(logits, targets, out=out, **opts)
         assert grad is out
@@ -589,7 +599,7 @@ def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
         assert m == ref_max[r], r
         block_m = np.empty(-(-row.size // _cpu.STATS_BLOCK), np.float32)
         g = np.empty_like(row)
-        m2, s2, _ = _cpu.row_stats_store(row, g, False, none, False, block_m, None, 0, True)
+        m2, s2, _ = _cpu.row_stats_store(row, g, False, none, False, np.float32(0), none, block_m, None, 0, True)
         assert (m2, s2) == (m, s), r
         assert block_m[0] == first_m[r] and block_m[-1] == m, r
         x64 = row.astype(np.float64)
@@ -635,13 +645,13 @@ def test_blocks_summed_against_a_lower_reference_max(dtype, options):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_loss_alone_equals_the_fused_loss_bit_for_bit(dtype):
     """The loss-only call and the fused call sum each row in the same loops, so their losses
-    are the same bits: odd lengths (vector remainders), masked leading blocks, smoothing
-    (float64 to 2 ulp: see ``assert_same_loss``)."""
+    are the same bits: odd lengths (vector remainders), masked leading blocks, smoothing,
+    soft-capping with and without smoothing (float64 to 2 ulp: see ``assert_same_loss``)."""
     from nbxent._cpu import STATS_BLOCK
 
     rng = np.random.default_rng()
     for n in (1, 7, 100, STATS_BLOCK - 1, STATS_BLOCK + 1, 3 * STATS_BLOCK + 5):
-        for options in ({}, {"label_smoothing": 0.1}):
+        for options in ({}, {"label_smoothing": 0.1}, {"softcap": 20.0}, {"softcap": 20.0, "label_smoothing": 0.1}):
             x = (rng.standard_normal((6, n)) * rng.choice([1.0, 3.0, 30.0])).astype(dtype)
             x[1, : n // 2] = -np.inf
             x[2, : max(1, n - 3)] = -np.inf
@@ -674,7 +684,7 @@ def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
     def block(r):
         x = rows[r].copy()
         g = np.empty(37, np.float32)  # allocated right after x more often than not
-        s, sm = _cpu.block_store(x, g, m, w, smooth, half)
+        s, sm = _cpu.block_store(x, g, m, w, smooth, half, np.float32(0), w[:0])
         return s, sm, g
 
     want = [block(r) for r in range(23)]
