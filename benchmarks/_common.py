@@ -40,7 +40,7 @@ SHAPES = ["80x4000"] if QUICK else ["8x1000", "2048x32000", "512x128256", "256x2
 DTYPES = ["float32", "bfloat16"]
 """Logits dtypes: float32, and the 16-bit type models are trained in (``ml_dtypes.bfloat16``)."""
 
-OPTIONS = ["plain", "smoothing+z_loss+softcap", "class weights"]
+OPTIONS = ["plain", "softcap", "smoothing+z_loss+softcap", "class weights"]
 """Names of the option sets; :func:`options` turns one into keyword arguments."""
 
 OPS = ["forward", "forward+backward", "forward+backward in place"]
@@ -111,6 +111,8 @@ def options(name: str, n_cols: int, seed: int = SEED) -> dict:
     """
     if name == "plain":
         return {}
+    if name == "softcap":  # Gemma 2's logit cap alone (docs/cpu.md item 5)
+        return {"softcap": 30.0}
     if name == "smoothing+z_loss+softcap":
         return {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
     if name == "class weights":
