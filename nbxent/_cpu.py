@@ -66,6 +66,18 @@ REF_SAMPLE = 64
 
 
 @jit_serial
+def first_max(xb, src16, half):
+    """The reference max of a row's first block above -inf (``row_stats`` step 1): the max of
+    its first REF_SAMPLE logits, or of the whole block if those are all -inf. ``xb`` is the
+    float block, or ``src16`` (not None) its 16-bit bits in format ``half``."""
+    if src16 is not None:
+        mb = as_dtype_of(xb, widen(max_bits16(src16[:REF_SAMPLE]), half))
+        return as_dtype_of(xb, widen(max_bits16(src16), half)) if mb == -np.inf else mb
+    mb = row_max(xb[:REF_SAMPLE])
+    return row_max(xb) if mb == -np.inf else mb
+
+
+@jit_serial
 def resum_at(x):
     """The block sum at which a block is summed again: ``exp(EXP_CLAMP)`` in the precision (and
     with the exp) of ``x``'s dtype, so that one clamped entry alone reaches it."""
@@ -173,11 +185,8 @@ def row_stats(x, cap, w, smooth, src16, half):
             widen_row(src16[lo:hi], xb, half)
         else:
             xb = x[lo:hi]
-        if live < 0:  # from the first REF_SAMPLE logits, or the whole block if they are -inf
-            mb = row_max(xb[:REF_SAMPLE])
-            if mb == -np.inf:
-                mb = row_max(xb)
         if live < 0:  # 1. the reference max, from the first block above -inf
+            mb = first_max(xb, None, 0)
             m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(mb, cap, inv_cap), lo, smooth)
             if live < 0:
                 continue
@@ -336,8 +345,8 @@ def zero_block(dst):
 
 @jit_serial
 def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, keep, claim=None):
-    """``row_stats`` without soft-capping, in the same one pass over blocks, that also stores
-    ``g_j = exp(min(x_j - m_k, EXP_CLAMP))`` with ``m_k`` the reference max block ``k`` was
+    """``row_stats`` (soft-capped rows only without ``smooth``), in the same one pass over
+    blocks, that also stores ``g_j = exp(min(x_j - m_k, EXP_CLAMP))`` with ``m_k`` the reference max block ``k`` was
     summed against; ``m_k`` goes to ``block_m[k]``, and the gradient sweep scales block ``k``
     by ``exp(m_k - m)``: exactly 1, and skipped, unless a later block was summed again
     (``row_stats`` step 3). The stored exps are at most e^EXP_CLAMP.
@@ -380,15 +389,10 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
         if live < 0:  # the reference max from the first block above -inf (row_stats step 1)
-            smp = min(hi, lo + REF_SAMPLE)
             if src16 is not None:
-                mb = as_dtype_of(x, widen(max_bits16(src16[lo:smp]), half))
-                if mb == -np.inf:
-                    mb = as_dtype_of(x, widen(max_bits16(src16[lo:hi]), half))
+                mb = first_max(x[lo:hi], src16[lo:hi], half)
             else:  # in place, read through the writable name
-                mb = row_max(g[lo:smp] if in_place else x[lo:smp])
-                if mb == -np.inf:
-                    mb = row_max(g[lo:hi] if in_place else x[lo:hi])
+                mb = first_max(g[lo:hi] if in_place else x[lo:hi], None, 0)
             m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(mb, cap, inv_cap), lo, smooth)
             if live < 0:
                 block_m[lo // STATS_BLOCK] = m
@@ -522,7 +526,7 @@ def xent_row(
     elif store:
         m, s, sm = row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, want_grad)
     else:
-        m, s, sm = row_stats(x, cap, w, eps > zero, src16, half)
+        m, s, sm = row_stats(x, cap, w, smooth, src16, half)
     if src16 is not None:
         xt = as_dtype_of(x, widen(src16[tgt], half))
     elif not in_place:

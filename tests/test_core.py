@@ -587,9 +587,9 @@ def rows_around_the_clamp(rng):
 
 def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
     """White box: blocks are summed against the max of the first block's first REF_SAMPLE
-    logits with each exponent clamped at EXP_CLAMP, and only a block whose sum reaches e^EXP_CLAMP is summed
-    again against its own max (``_cpu.row_stats``); the fused pass stores each block against
-    the max it was summed with, and agrees with the loss alone."""
+    logits with each exponent clamped at EXP_CLAMP, and only a block whose sum reaches
+    e^EXP_CLAMP is summed again against its own max (``_cpu.row_stats``); the fused pass
+    stores each block against the max it was summed with, and agrees with the loss alone."""
     from nbxent import _cpu
 
     rows, first_m, ref_max = rows_around_the_clamp(np.random.default_rng())
