@@ -33,6 +33,7 @@ from ._jit import (
     f32_to_bf16_not_nan,
     f32_to_f16,
     fast_exp,
+    fast_exp16,
     fast_tanh,
     jit_inline,
     jit_kernel,
@@ -54,8 +55,8 @@ STATS_BLOCK = 2048
 
 # The block sums of ``row_stats`` take each exp against a reference max that may lie below
 # the block's entries, and clamp its exponent at EXP_CLAMP so that none can overflow; a
-# block whose sum reaches e^EXP_CLAMP is summed again against its own max. Stored exps are
-# then at most e^EXP_CLAMP (see ``row_stats_store``).
+# block whose sum reaches RESUM_AT (below) is summed again against its own max. Stored exps
+# are then at most e^EXP_CLAMP (see ``row_stats_store``).
 EXP_CLAMP = 32.0
 
 # The reference max is that of the first REF_SAMPLE logits of the row's first block above
@@ -77,11 +78,10 @@ def first_max(xb, src16, half):
     return row_max(xb) if mb == -np.inf else mb
 
 
-@jit_serial
-def resum_at(x):
-    """The block sum at which a block is summed again: ``exp(EXP_CLAMP)`` in the precision (and
-    with the exp) of ``x``'s dtype, so that one clamped entry alone reaches it."""
-    return fast_exp(as_dtype_of(x, EXP_CLAMP))
+# A block whose sum reaches RESUM_AT is summed again (``row_stats`` step 3): half of
+# e^EXP_CLAMP, so that one clamped entry alone reaches it whatever the exp's last bits (the
+# 16-bit pass's shorter exp, or LLVM folding a constant argument with other roundings).
+RESUM_AT = math.exp(EXP_CLAMP) / 2
 
 
 @jit_reduce
@@ -150,8 +150,8 @@ def row_stats(x, cap, w, smooth, src16, half):
     2. every block: s += sum_j exp(min(xc_j - m, EXP_CLAMP)), one loop that reads the block
        once, from memory. The exp is the cost; while it runs, the hardware prefetcher
        streams the next block in, so memory and arithmetic overlap;
-    3. a block whose sum reached e^EXP_CLAMP (an entry at least EXP_CLAMP - log(2048) above
-       m, or +inf) takes its max mb, now from L1; what was summed so far is rescaled to it
+    3. a block whose sum reached RESUM_AT = e^EXP_CLAMP / 2 (an entry at least EXP_CLAMP -
+       log(4096) above m, or +inf) takes its max mb, now from L1; what was summed so far is rescaled to it
        (s *= exp(m - mb), sm += (mb - m) * (weight summed so far)) and the block is summed
        again against m = mb. Rare: a row's blocks seldom rise that far above its first logits.
     (Taking every block's max first, in a loop that streamed the block from memory with
@@ -170,7 +170,7 @@ def row_stats(x, cap, w, smooth, src16, half):
     inv_cap = as_dtype_of(x, 1) / cap if capped else zero
     has_w = w.size > 0
     n = x.size
-    big = resum_at(x)
+    big = as_dtype_of(x, RESUM_AT)
     m = as_dtype_of(x, -np.inf)
     s = zero
     sm = zero
@@ -217,14 +217,14 @@ def row_stats(x, cap, w, smooth, src16, half):
 
 @jit_inline
 def store_exp_sum(x, g, m, half):
-    """``g_j = exp(min(x_j - m, EXP_CLAMP))`` for 16-bit bits ``x``, returning their sum.
-    Inlined by Numba with a constant ``half``, so that the loop holds one conversion and the
-    caller's ``reassoc``."""
+    """``g_j = exp(min(x_j - m, EXP_CLAMP))`` for 16-bit bits ``x``, returning their sum; the exp
+    is ``fast_exp16`` (5 ulp, for a gradient rounded to 8 or 11 bits). Inlined by Numba with a
+    constant ``half``, so that the loop holds one conversion and the caller's ``reassoc``."""
     s = as_dtype_of(g, 0)
     clamp = as_dtype_of(g, EXP_CLAMP)
     for j in range(x.size):
         d = widen(x[j], half) - m
-        e = fast_exp(clamp if d > clamp else d)
+        e = fast_exp16(clamp if d > clamp else d)
         g[j] = e
         s += e
     return s
@@ -242,7 +242,7 @@ def store_exp_sum_capped(x, g, m, half, cap):
     for j in range(x.size):
         v = cap * fast_tanh(widen(x[j], half) * inv_cap)
         d = v - m
-        e = fast_exp(clamp if d > clamp else d)
+        e = fast_exp16(clamp if d > clamp else d)
         r = v * inv_cap
         g[j] = e * (one - r * r)
         s += e
@@ -377,7 +377,7 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
     inv_cap = as_dtype_of(x, 1) / cap if cap > zero else zero
     has_w = w.size > 0
     n = x.size
-    big = resum_at(x)
+    big = as_dtype_of(x, RESUM_AT)
     m = as_dtype_of(x, -np.inf)
     s = zero
     sm = zero
