@@ -234,7 +234,10 @@ def store_exp_sum(x, g, m, half):
 def store_exp_sum_capped(x, g, m, half, cap):
     """``store_exp_sum`` after soft-capping, ``xc_j = cap tanh(x_j / cap)``: stores
     ``exp(min(xc_j - m, EXP_CLAMP)) * (1 - (xc_j / cap)^2)`` (the exp times dxc_j/dx_j) and
-    returns the sum of the exps alone."""
+    returns the sum of the exps alone. ``x`` holds 16-bit bits (``half``, with ``fast_exp16``)
+    or floats (``half`` 0); ``g`` never overlaps it (the float32 scratch, or an L1 buffer for
+    float rows: ``block_store``), so LLVM's run-time overlap check always takes the vector
+    loop and the sum's order is fixed."""
     one = as_dtype_of(g, 1)
     inv_cap = one / cap
     s = as_dtype_of(g, 0)
@@ -242,37 +245,11 @@ def store_exp_sum_capped(x, g, m, half, cap):
     for j in range(x.size):
         v = cap * fast_tanh(widen(x[j], half) * inv_cap)
         d = v - m
-        e = fast_exp16(clamp if d > clamp else d)
+        d = clamp if d > clamp else d
+        e = fast_exp16(d) if half != 0 else fast_exp(d)
         r = v * inv_cap
         g[j] = e * (one - r * r)
         s += e
-    return s
-
-
-@jit_inline
-def store_capped(x, g, m, cap, ebuf):
-    """``store_exp_sum_capped`` for float ``x`` (at most ``ebuf.size`` entries): the exps go
-    to ``ebuf`` and are summed there, in a loop that stores nothing else (``block_store``);
-    an empty ``g`` (the loss alone) is not written. Loops from 0: indexing ``ebuf`` from an
-    offset kept LLVM from vectorizing (4x slower)."""
-    one = as_dtype_of(ebuf, 1)
-    inv_cap = one / cap
-    clamp = as_dtype_of(ebuf, EXP_CLAMP)
-    if g.size == 0:
-        for j in range(x.size):
-            d = cap * fast_tanh(x[j] * inv_cap) - m
-            ebuf[j] = fast_exp(clamp if d > clamp else d)
-    else:
-        for j in range(x.size):
-            v = cap * fast_tanh(x[j] * inv_cap)
-            d = v - m
-            e = fast_exp(clamp if d > clamp else d)
-            r = v * inv_cap
-            ebuf[j] = e
-            g[j] = e * (one - r * r)
-    s = as_dtype_of(ebuf, 0)
-    for j in range(x.size):
-        s += ebuf[j]
     return s
 
 
@@ -291,9 +268,14 @@ def block_store(x, g, m, w, smooth, half, cap, ebuf):
 
     With soft-capping (``cap > 0``; only without ``smooth``, whose sum would need the capped
     logits), ``g_j`` is the exp times the cap's derivative ``1 - (xc_j / cap)^2``, so that the
-    gradient sweep needs no tanh and no exp; the exps themselves, summed, go through ``ebuf``
-    (STATS_BLOCK float entries in L1) for float blocks and are summed in the store loop for
-    16-bit ones.
+    gradient sweep needs no tanh and no exp, and the exps are summed in the loop that stores
+    the products. For float blocks that loop's store goes to ``g`` where ``g`` lies far from
+    ``x`` (``far_apart``) and to ``ebuf`` otherwise, copied to ``g`` after it, or to ``ebuf``
+    alone for the loss (an empty ``g``): one loop, whose destination is a run-time pointer
+    that never fails LLVM's overlap check, so the loss alone, in place and out of place sum
+    in the same order and give the same bits. (``ebuf`` is far from every array: see
+    ``padded_ebuf``.) Storing to ``g`` in the loop, rather than copying ``ebuf`` to it after,
+    overlaps the fetch of ``g``'s lines with the arithmetic (out of place, 1.1x).
     """
     zero = as_dtype_of(g, 0)
     clamp = as_dtype_of(g, EXP_CLAMP)
@@ -312,9 +294,14 @@ def block_store(x, g, m, w, smooth, half, cap, ebuf):
         if half == HALF_F16:
             return store_exp_sum_capped(x, g, m, HALF_F16, cap), sm
         s = zero
+        direct = g.size > 0 and far_apart(x, g)
         for c0 in range(0, x.size, ebuf.size):  # one piece for a block
             c1 = min(c0 + ebuf.size, x.size)
-            s += store_capped(x[c0:c1], g[c0:c1] if g.size else g, m, cap, ebuf)
+            # (ebuf from 0: indexing it from an offset kept LLVM from vectorizing)
+            dst = g[c0:c1] if direct else ebuf[: c1 - c0]
+            s += store_exp_sum_capped(x[c0:c1], dst, m, 0, cap)
+            if g.size > 0 and not direct:
+                copy_block(dst, g[c0:c1])
         return s, sm
     if half == HALF_BF16:
         return store_exp_sum(x, g, m, HALF_BF16), sm
@@ -327,6 +314,33 @@ def block_store(x, g, m, w, smooth, half, cap, ebuf):
     for j in range(g.size):
         s += g[j]
     return s, sm
+
+
+# LLVM vectorizes a loop that loads ``x`` and stores ``g`` behind a run-time check that
+# ``g - x`` (as an unsigned number) is at least the bytes of one unrolled vector iteration, and
+# runs its scalar version, which sums in another order, when it is not. FAR_BYTES is more than
+# any such iteration (16 lanes x 4 unrolled x 8 bytes).
+FAR_BYTES = 4096
+
+
+@jit_serial
+def far_apart(x, g):
+    """Whether the vector loop that loads ``x`` and stores ``g`` always passes LLVM's check:
+    ``g`` lies before ``x`` or at least FAR_BYTES after it."""
+    d = g.ctypes.data - x.ctypes.data
+    return d < 0 or d >= FAR_BYTES
+
+
+@jit_serial
+def padded_ebuf(cap, like):
+    """The soft-capping scratch of ``block_store``: STATS_BLOCK entries of ``like``'s dtype (none
+    when ``cap`` is 0) that start FAR_BYTES into their allocation, so that every array
+    allocated before them lies at least that far before them: ``far_apart(x, ebuf)`` holds
+    for every ``x``."""
+    if cap <= 0:
+        return np.empty(0, like.dtype)
+    pad = FAR_BYTES // like.itemsize
+    return np.empty(STATS_BLOCK + pad, like.dtype)[pad:]
 
 
 @jit_serial
@@ -659,7 +673,7 @@ def xent_range(
     """
     want_grad = scale.size > 0
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, x.dtype)
-    ebuf = np.empty(STATS_BLOCK if cap > 0 else 0, x.dtype)
+    ebuf = padded_ebuf(cap, block_m)
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
         gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
@@ -736,7 +750,7 @@ def xent_range_16(
     ring = max(1, min(ring, hi - lo)) if want_grad else 1  # the loss alone reads no scratch back
     ring_buf = np.empty(ring * n_cols, dtype=np.float32)
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, np.float32)
-    ebuf = np.empty(STATS_BLOCK if cap > 0 else 0, np.float32)
+    ebuf = padded_ebuf(cap, block_m)
     for i in range(lo, hi):
         r0 = ((i - lo) % ring) * n_cols
         scratch = ring_buf[r0 : r0 + n_cols]
