@@ -151,9 +151,9 @@ def row_stats(x, cap, w, smooth, src16, half):
        once, from memory. The exp is the cost; while it runs, the hardware prefetcher
        streams the next block in, so memory and arithmetic overlap;
     3. a block whose sum reached RESUM_AT = e^EXP_CLAMP / 2 (an entry at least EXP_CLAMP -
-       log(4096) above m, or +inf) takes its max mb, now from L1; what was summed so far is rescaled to it
-       (s *= exp(m - mb), sm += (mb - m) * (weight summed so far)) and the block is summed
-       again against m = mb. Rare: a row's blocks seldom rise that far above its first logits.
+       log(4096) above m, or +inf) takes its max mb, now from L1; what was summed so far is
+       rescaled to it (s *= exp(m - mb), sm += (mb - m) * (weight summed so far)) and the
+       block is summed again against m = mb. Rare: a row's blocks seldom rise that far above its first logits.
     (Taking every block's max first, in a loop that streamed the block from memory with
     little arithmetic to hide behind, made the loss alone 1.28-1.38x slower on one core.)
     Leading blocks that are all ``-inf`` (masked vocabulary) are summed at the end against
@@ -318,8 +318,8 @@ def block_store(x, g, m, w, smooth, half, cap, ebuf):
 
 # LLVM vectorizes a loop that loads ``x`` and stores ``g`` behind a run-time check that
 # ``g - x`` (as an unsigned number) is at least the bytes of one unrolled vector iteration, and
-# runs its scalar version, which sums in another order, when it is not. FAR_BYTES is more than
-# any such iteration (16 lanes x 4 unrolled x 8 bytes).
+# runs its scalar version, which sums in another order, when it is not. FAR_BYTES is well
+# above any such iteration (256 bytes in the loops compiled here, float32 and float64).
 FAR_BYTES = 4096
 
 
@@ -335,8 +335,8 @@ def far_apart(x, g):
 def padded_ebuf(cap, like):
     """The soft-capping scratch of ``block_store``: STATS_BLOCK entries of ``like``'s dtype (none
     when ``cap`` is 0) that start FAR_BYTES into their allocation, so that every array
-    allocated before them lies at least that far before them: ``far_apart(x, ebuf)`` holds
-    for every ``x``."""
+    allocated before them ends at least that far before them: ``far_apart(x, ebuf)`` holds
+    for every ``x`` that does not overlap them."""
     if cap <= 0:
         return np.empty(0, like.dtype)
     pad = FAR_BYTES // like.itemsize
