@@ -253,6 +253,29 @@ def store_exp_sum_capped(x, g, m, half, cap):
     return s
 
 
+@jit_inline
+def store_capped_sums(x, g, m, half, cap, w):
+    """Soft-capped rows with smoothing: stores the capped logits ``xc_j = cap tanh(x_j / cap)``
+    into ``g`` and returns ``block_sums``' pair ``(sum_j exp(min(xc_j - m, EXP_CLAMP)),
+    sum_j w_j (m - xc_j))`` (``w_j = 1`` for an empty ``w``), so that the gradient sweep takes
+    one exp an entry and no tanh (the dearer of the two). ``x`` and ``g`` as in
+    ``store_exp_sum_capped``."""
+    inv_cap = as_dtype_of(g, 1) / cap
+    s = as_dtype_of(g, 0)
+    sm = as_dtype_of(g, 0)
+    clamp = as_dtype_of(g, EXP_CLAMP)
+    has_w = w.size > 0
+    for j in range(x.size):
+        v = cap * fast_tanh(widen(x[j], half) * inv_cap)
+        g[j] = v
+        d = v - m
+        d = clamp if d > clamp else d
+        s += fast_exp16(d) if half != 0 else fast_exp(d)
+        dm = exact_sub(m, v)  # a leaf that ``reassoc`` cannot merge into the sum
+        sm += w[j] * dm if has_w else dm
+    return s, sm
+
+
 @jit_reduce
 def block_store(x, g, m, w, smooth, half, cap, ebuf):
     """``g_j = exp(min(x_j - m, EXP_CLAMP))`` over one block; returns the block's ``(s, sm)`` as
@@ -266,28 +289,46 @@ def block_store(x, g, m, w, smooth, half, cap, ebuf):
     from call to call. ``g`` may be ``x`` itself (the masked leading blocks' fix-up): each
     entry is read before it is written.
 
-    With soft-capping (``cap > 0``; only without ``smooth``, whose sum would need the capped
-    logits), ``g_j`` is the exp times the cap's derivative ``1 - (xc_j / cap)^2``, so that the
-    gradient sweep needs no tanh and no exp, and the exps are summed in the loop that stores
-    the products. For float blocks that loop's store goes to ``g`` where ``g`` lies far from
-    ``x`` (``far_apart``) and to ``ebuf`` otherwise, copied to ``g`` after it, or to ``ebuf``
-    alone for the loss (an empty ``g``): one loop, whose destination is a run-time pointer
-    that never fails LLVM's overlap check, so the loss alone, in place and out of place sum
-    in the same order and give the same bits. (``ebuf`` is far from every array: see
-    ``padded_ebuf``.) Storing to ``g`` in the loop, rather than copying ``ebuf`` to it after,
-    overlaps the fetch of ``g``'s lines with the arithmetic (out of place, 1.1x).
+    With soft-capping (``cap > 0``) and no ``smooth``, ``g_j`` is the exp times the cap's
+    derivative ``1 - (xc_j / cap)^2``, so that the gradient sweep needs no tanh and no exp,
+    and the exps are summed in the loop that stores the products; with ``smooth``, whose
+    gradient needs the derivative apart from the exp, ``g_j`` is the capped logit itself
+    (``store_capped_sums``), summed the same way. For float blocks that loop's store goes to
+    ``g`` where ``g`` lies far from ``x`` (``far_apart``) and to ``ebuf`` otherwise, copied
+    to ``g`` after it, or to ``ebuf`` alone for the loss (an empty ``g``): one loop, whose
+    destination is a run-time pointer that never fails LLVM's overlap check, so the loss
+    alone, in place and out of place sum in the same order and give the same bits. (``ebuf``
+    is far from every array: see ``padded_ebuf``.) Storing to ``g`` in the loop, rather than
+    copying ``ebuf`` to it after, overlaps the fetch of ``g``'s lines with the arithmetic
+    (out of place, 1.1x).
     """
     zero = as_dtype_of(g, 0)
     clamp = as_dtype_of(g, EXP_CLAMP)
     has_w = w.size > 0
     sm = zero
-    if smooth:  # before an in-place store overwrites x
+    if smooth and not cap > zero:  # before an in-place store overwrites x (capped: in the loop)
         for j in range(x.size):
             d = exact_sub(m, widen(x[j], half))
             sm += w[j] * d if has_w else d
     # 16-bit bits and the float32 scratch are never the same memory, so LLVM's run-time check
     # always picks the vector loop and the sum can be taken as the exps are stored (8% less
     # time an entry in cache); a constant format in each loop gives one conversion an entry.
+    if cap > zero and smooth:
+        if half == HALF_BF16:
+            return store_capped_sums(x, g, m, HALF_BF16, cap, w)
+        if half == HALF_F16:
+            return store_capped_sums(x, g, m, HALF_F16, cap, w)
+        s = zero
+        direct = g.size > 0 and far_apart(x, g)
+        for c0 in range(0, x.size, ebuf.size):  # one piece for a block, as below
+            c1 = min(c0 + ebuf.size, x.size)
+            dst = g[c0:c1] if direct else ebuf[: c1 - c0]
+            bs, bsm = store_capped_sums(x[c0:c1], dst, m, 0, cap, w[c0:c1] if has_w else w)
+            s += bs
+            sm += bsm
+            if g.size > 0 and not direct:
+                copy_block(dst, g[c0:c1])
+        return s, sm
     if cap > zero:
         if half == HALF_BF16:
             return store_exp_sum_capped(x, g, m, HALF_BF16, cap), sm
@@ -359,7 +400,7 @@ def zero_block(dst):
 
 @jit_serial
 def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, keep, claim=None):
-    """``row_stats`` (soft-capped rows only without ``smooth``), in the same one pass over
+    """``row_stats``, in the same one pass over
     blocks, that also stores ``g_j = exp(min(x_j - m_k, EXP_CLAMP))`` with ``m_k`` the reference max block ``k`` was
     summed against; ``m_k`` goes to ``block_m[k]``, and the gradient sweep scales block ``k``
     by ``exp(m_k - m)``: exactly 1, and skipped, unless a later block was summed again
@@ -376,9 +417,9 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
     the L1 buffer instead: writing them to the scratch row, which lives in L2, made the loss
     1.3x slower. Soft-capped float rows come here for the loss alone too, with an empty ``g``.
 
-    Soft-capped rows (``cap > 0``, never with ``smooth``) store the exps times the cap's
-    derivative instead (``block_store``, which sums the exps through ``ebuf``); the reference
-    max and the max of a block summed again are capped (tanh is monotone).
+    Soft-capped rows (``cap > 0``) store the exps times the cap's derivative instead, or with
+    ``smooth`` the capped logits (``block_store``); the reference max and the max of a block
+    summed again are capped (tanh is monotone).
 
     ``claim``, when not None, is the 16-bit output row of an out-of-place gradient: each of
     its blocks is zeroed as the pass reaches it, so that its cache lines are fetched for
@@ -529,11 +570,11 @@ def xent_row(
     xt = x[tgt] if in_place and src16 is None else zero
     # The sum sweep stores exp(xc_j - m_k) in g (times dxc_j/dx_j when soft-capped) and the
     # gradient sweep only rescales it: one exp (and tanh) per entry instead of two (they are
-    # the cost on a CPU). Not for soft-capped rows with smoothing, whose gradient needs
-    # dxc_j/dx_j apart. 16-bit and soft-capped rows take that pass for the loss alone too
-    # (storing into an L1 buffer, ``keep`` off), so that both calls sum in the same loop and
-    # give the same bits.
-    store = (want_grad or src16 is not None or capped) and not (capped and eps > zero)
+    # the cost on a CPU). Soft-capped rows with smoothing, whose gradient needs dxc_j/dx_j
+    # apart, store the capped logits xc_j instead: one tanh and two exps. 16-bit and
+    # soft-capped rows take that pass for the loss alone too (storing into an L1 buffer,
+    # ``keep`` off), so that both calls sum in the same loop and give the same bits.
+    store = want_grad or src16 is not None or capped
     smooth = eps > zero
     if store and claim and narrow_to is not None:
         m, s, sm = row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, want_grad, narrow_to)
@@ -564,7 +605,18 @@ def xent_row(
     #    would cost p_j 3 digits. The 1 / s goes into the factor ``a``.
     a = scale * ((one - eps) * wt + eps * w_sum / n + as_dtype_of(x, 2) * z * wt * lse) / s
     b = scale * eps / n
-    if store:
+    if store and capped and smooth:  # g holds the capped logits: one exp an entry, no tanh
+        if narrow_to is not None:
+            for lo in range(0, x.size, STATS_BLOCK):
+                hi = min(lo + STATS_BLOCK, x.size)
+                capped_narrow(g[lo:hi], narrow_to[lo:hi], m, a, b, w[lo:hi] if has_w else w, inv_cap, half)
+            r = g[tgt] * inv_cap
+            d_t = one - r * r
+            g_t = (a * fast_exp16(g[tgt] - m) - (b * w[tgt] if has_w else b)) * d_t
+            narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt * d_t, half)
+            return loss, lse
+        write_capped_grad(g, m, a, b, w, inv_cap)
+    elif store:
         # g holds exp(x_j - m_k): block k is scaled by a exp(m_k - m). A 16-bit output is
         # rescaled and rounded in one sweep that reads the scratch and does not write it, so
         # its target entry is then redone from the scratch, rounded exactly as the float32
@@ -625,6 +677,36 @@ def write_grad(x, g, m, a, b, w, cap):
             r = v * inv_cap
             gj *= one - r * r
         g[j] = gj
+
+
+@jit_inline
+def write_capped_grad(g, m, a, b, w, inv_cap):
+    """``write_grad`` for a row whose pass stored the capped logits ``xc_j`` in ``g`` (soft-capping
+    with smoothing): ``g_j = (a exp(xc_j - m) - b w_j) (1 - (xc_j / cap)^2)``, no tanh."""
+    one = as_dtype_of(g, 1)
+    has_w = w.size > 0
+    for j in range(g.size):
+        v = g[j]
+        r = v * inv_cap
+        g[j] = (a * fast_exp(v - m) - (b * w[j] if has_w else b)) * (one - r * r)
+
+
+@jit_poly
+def capped_narrow(g, out, m, a, b, w, inv_cap, half):
+    """``write_capped_grad`` for 16-bit rows, rounded into ``out`` in the same sweep (as
+    ``rescale_narrow``), with the 16-bit pass's exp."""
+    one = np.float32(1)
+    has_w = w.size > 0
+    if half == HALF_BF16:
+        for j in range(g.size):
+            r = g[j] * inv_cap
+            gj = (a * fast_exp16(g[j] - m) - (b * w[j] if has_w else b)) * (one - r * r)
+            out[j] = f32_to_bf16(np.float32(gj))
+    else:
+        for j in range(g.size):
+            r = g[j] * inv_cap
+            gj = (a * fast_exp16(g[j] - m) - (b * w[j] if has_w else b)) * (one - r * r)
+            out[j] = f32_to_f16(np.float32(gj))
 
 
 @jit_serial
@@ -770,16 +852,10 @@ def xent_range_16(
                 scratch, scratch, True, tgt, w, w_sum, cap, eps, z, no_scale, False, block_m, ebuf, xr, None, half
             )
             continue
-        gr = g[g_off[i] : g_off[i] + n_cols]
-        if cap > 0 and eps > 0:  # no stored exp (xent_row): the sweeps need the whole row widened
-            widen_row(xr, scratch, half)
-            loss[i], lse[i] = xent_row(
-                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, ebuf, None, gr, half
-            )
-        else:  # fused: the bits widened block by block as the one pass reads them
-            loss[i], lse[i] = xent_row(
-                scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, ebuf, xr, gr, half, claim
-            )
+        gr = g[g_off[i] : g_off[i] + n_cols]  # fused: the bits widened block by block as the pass reads them
+        loss[i], lse[i] = xent_row(
+            scratch, scratch, True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, ebuf, xr, gr, half, claim
+        )
 
 
 # The parallel kernels split rows 0..n_rows into ``tasks`` contiguous ranges (a few per

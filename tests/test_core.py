@@ -695,18 +695,21 @@ def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_capped_block_sums_do_not_depend_on_where_the_arrays_lie(dtype):
-    """Soft-capped float blocks sum the exps in the loop that stores the products: into ``g``
-    where it lies far from ``x`` (``_cpu.far_apart``), else into the padded ``ebuf``, copied
-    to ``g`` after. Whatever the layout (``g`` right after ``x``, far from it, ``x`` itself, or
-    none for the loss alone), the sums and the products have the same bits: LLVM's overlap
-    check, which would run the scalar loop (another order of the sum), never fails."""
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothing"])
+def test_capped_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, dtype):
+    """Soft-capped float blocks sum the exps in the loop that stores the products (with
+    smoothing: the capped logits, and the smoothing sum too): into ``g`` where it lies far
+    from ``x`` (``_cpu.far_apart``), else into the padded ``ebuf``, copied to ``g`` after.
+    Whatever the layout (``g`` right after ``x``, far from it, ``x`` itself, or none for the
+    loss alone), the sums and what is stored have the same bits: LLVM's overlap check, which
+    would run the scalar loop (another order of the sums), never fails."""
     from nbxent import _cpu
 
     rng = np.random.default_rng()
     n = 37
     rows = (rng.standard_normal((23, n)) * 30).astype(dtype)
     m, cap = dtype(5.0), dtype(30.0)
+    w = rng.uniform(0.5, 2.0, n).astype(dtype)
     far = np.empty(1 << 16, dtype)
     side_by_side = np.empty(2 * n, dtype)  # g right after x: 37 entries apart
     assert not _cpu.far_apart(side_by_side[:n], side_by_side[n:])
@@ -716,14 +719,14 @@ def test_capped_block_sums_do_not_depend_on_where_the_arrays_lie(dtype):
         x = side_by_side[:n]
         x[:] = rows[r]
         g = {"after": side_by_side[n:], "far": far[-n:], "same": x, "none": far[:0]}[where]
-        s, _ = _cpu.block_store(x, g, m, far[:0], False, 0, cap, _cpu.padded_ebuf(cap, far))
-        return s, g.copy()
+        s, sm = _cpu.block_store(x, g, m, w, smooth, 0, cap, _cpu.padded_ebuf(cap, far))
+        return s, sm, g.copy()
 
     want = [block(r, "far") for r in range(23)]
     for i in range(400):
         where = ("after", "same", "none", "far")[i % 4]
-        s, g = block(i % 23, where)
-        ws, wg = want[i % 23]
-        assert s == ws, f"call {i}, g {where}"
+        s, sm, g = block(i % 23, where)
+        ws, wsm, wg = want[i % 23]
+        assert s == ws and sm == wsm, f"call {i}, g {where}"
         if where != "none":
             assert np.array_equal(g, wg), f"call {i}, g {where}"
