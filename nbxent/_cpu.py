@@ -136,7 +136,7 @@ def cap_max(mb, cap, inv_cap):
 
 
 @jit_serial
-def row_stats(x, cap, w, smooth, src16, half):
+def row_stats(x, cap, w, smooth):
     """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
 
     Returns ``(m, s, sm)``: a reference max ``m`` (the row's max, or below it by less than
@@ -153,17 +153,17 @@ def row_stats(x, cap, w, smooth, src16, half):
     3. a block whose sum reached RESUM_AT = e^EXP_CLAMP / 2 (an entry at least EXP_CLAMP -
        log(4096) above m, or +inf) takes its max mb, now from L1; what was summed so far is
        rescaled to it (s *= exp(m - mb), sm += (mb - m) * (weight summed so far)) and the
-       block is summed again against m = mb. Rare: a row's blocks seldom rise that far above its first logits.
+       block is summed again against m = mb. Rare: a row's blocks seldom rise that far above
+       its first logits.
     (Taking every block's max first, in a loop that streamed the block from memory with
     little arithmetic to hide behind, made the loss alone 1.28-1.38x slower on one core.)
     Leading blocks that are all ``-inf`` (masked vocabulary) are summed at the end against
     the final m, exactly as a two-pass computation would (exp(-inf - m) = 0, and sm gets its
     +inf). tanh is monotone, so the capped max is the cap of the raw max.
 
-    ``src16`` (or None) holds the row as 16-bit bits (format ``half``; only soft-capped rows
-    come here, the others take ``row_stats_store``): each block is widened into an 8 KB
-    buffer that stays in L1 as the pass reaches it (``x`` gives only the float dtype and the
-    row length then).
+    Float rows: the loss alone of ``xent_row`` without soft-capping (its fused calls, 16-bit
+    and soft-capped rows take ``row_stats_store``), ``normalize_row``, and the vocabulary
+    blocks of ``_cpu_vocab``.
     """
     zero = as_dtype_of(x, 0)
     capped = cap > zero
@@ -176,15 +176,9 @@ def row_stats(x, cap, w, smooth, src16, half):
     sm = zero
     seen = zero  # weight of the entries in s and sm
     live = -1  # start of the first block whose max is above -inf
-    if src16 is not None:
-        buf = np.empty(STATS_BLOCK, x.dtype)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
-        if src16 is not None:
-            xb = buf[: hi - lo]
-            widen_row(src16[lo:hi], xb, half)
-        else:
-            xb = x[lo:hi]
+        xb = x[lo:hi]
         if live < 0:  # 1. the reference max, from the first block above -inf
             mb = first_max(xb, None, 0)
             m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(mb, cap, inv_cap), lo, smooth)
@@ -201,17 +195,9 @@ def row_stats(x, cap, w, smooth, src16, half):
             seen += as_dtype_of(x, np.sum(wb)) if has_w else as_dtype_of(x, hi - lo)
     if live != 0:  # blocks before the first live one, or the whole row if none is
         head = n if live < 0 else live
-        if src16 is not None:  # widened again, a block at a time
-            for lo in range(0, head, STATS_BLOCK):
-                hi = min(lo + STATS_BLOCK, head)
-                widen_row(src16[lo:hi], buf[: hi - lo], half)
-                bs, bsm = block_sums(buf[: hi - lo], m, cap, inv_cap, w[lo:hi] if has_w else w, smooth)
-                s += bs
-                sm += bsm
-        else:
-            bs, bsm = block_sums(x[:head], m, cap, inv_cap, w[:head] if has_w else w, smooth)
-            s += bs
-            sm += bsm
+        bs, bsm = block_sums(x[:head], m, cap, inv_cap, w[:head] if has_w else w, smooth)
+        s += bs
+        sm += bsm
     return m, s, sm
 
 
@@ -400,8 +386,8 @@ def zero_block(dst):
 
 @jit_serial
 def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, keep, claim=None):
-    """``row_stats``, in the same one pass over
-    blocks, that also stores ``g_j = exp(min(x_j - m_k, EXP_CLAMP))`` with ``m_k`` the reference max block ``k`` was
+    """``row_stats``, in the same one pass over blocks, that also stores
+    ``g_j = exp(min(x_j - m_k, EXP_CLAMP))`` with ``m_k`` the reference max block ``k`` was
     summed against; ``m_k`` goes to ``block_m[k]``, and the gradient sweep scales block ``k``
     by ``exp(m_k - m)``: exactly 1, and skipped, unless a later block was summed again
     (``row_stats`` step 3). The stored exps are at most e^EXP_CLAMP.
@@ -581,7 +567,7 @@ def xent_row(
     elif store:
         m, s, sm = row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, want_grad)
     else:
-        m, s, sm = row_stats(x, cap, w, smooth, src16, half)
+        m, s, sm = row_stats(x, cap, w, smooth)  # float rows, the loss alone
     if src16 is not None:
         xt = as_dtype_of(x, widen(src16[tgt], half))
     elif not in_place:
@@ -901,7 +887,7 @@ def normalize_row(x, out, in_place, mode):
     A row of all ``-inf`` has lse ``-inf`` and a row holding ``+inf`` has lse ``+inf``, as
     ``torch.logsumexp`` gives; their softmax is NaN, as ``torch.softmax`` gives.
     """
-    m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False, None, 0)
+    m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False)
     if in_place:
         write_normalized(out, out, m, s, mode)  # out is x: read through the writable name
     else:

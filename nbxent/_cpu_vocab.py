@@ -45,7 +45,7 @@ def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, w
     has_w = w.size > 0
     for i in numba.prange(m.size):
         xr = x[x_off[i] : x_off[i] + n_cols]
-        mi, si, smi = row_stats(xr, cap, w, smooth, None, 0)
+        mi, si, smi = row_stats(xr, cap, w, smooth)
         if mi == -np.inf:
             si = zero
             smi = zero
