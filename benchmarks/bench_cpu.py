@@ -10,7 +10,9 @@ Every timed case is one point of the grid ``shape x dtype x options x op`` from 
   not installed, and for "in place", which PyTorch has no way to do.
 
 ``PeakMemory.peakmem_nbxent`` shows that the in-place gradient allocates nothing of size N x V;
-``Bandwidth.track_*`` report GB/s and the fraction of the copy floor.
+``Bandwidth.track_*`` report GB/s and the fraction of the copy floor, with one more op,
+"forward+backward into out": the gradient into a preallocated ``out`` (the issue's fused
+target; "forward+backward" allocates a new gradient every call, whose page faults it times).
 """
 
 from __future__ import annotations
@@ -40,8 +42,16 @@ def _repeat_for(shape: str, large: tuple) -> tuple:
     return (10, 200, 1.0) if _is_small(shape) else large
 
 
+INTO_OUT = "forward+backward into out"
+"""``Bandwidth``'s op for ``cross_entropy_with_grad`` into a preallocated ``out``."""
+
+
 def nbxent_call(op: str, logits: np.ndarray, targets: np.ndarray, kwargs: dict):
-    """A no-argument callable that runs the nbxent function named by ``op`` (an ``OPS`` entry)."""
+    """A no-argument callable that runs the nbxent function named by ``op`` (an ``OPS`` entry, or
+    INTO_OUT, whose ``out`` is allocated here once)."""
+    if op == INTO_OUT:
+        out = np.empty_like(logits)
+        return functools.partial(nx.cross_entropy_with_grad, logits, targets, out=out, **kwargs)
     if op == "forward":
         return functools.partial(nx.cross_entropy, logits, targets, **kwargs)
     if op == "forward+backward":
@@ -270,14 +280,15 @@ class Bandwidth(_InPlaceInputs):
     """nbxent's achieved memory bandwidth, and how close it comes to the copy floor.
 
     Bytes counted: "forward" reads the logits once (N x V x itemsize); "forward+backward in
-    place" reads them and writes the gradient over them (twice that). The floor is a
+    place" reads them and writes the gradient over them (twice that), as does "forward+backward
+    into out", which writes it to a preallocated array (the bytes of the copy). The floor is a
     parallel copy of the same logits on Numba's threads (``_common.copy_floor_seconds``),
     timed in the same setup (reading and writing N x V x itemsize). The fraction is nbxent's
     bytes per second over the copy's; 1 means as fast as a copy, and "forward" can exceed it
     since a pure read avoids the copy's write traffic.
     """
 
-    params = [SHAPES, DTYPES, ["forward", "forward+backward in place"]]
+    params = [SHAPES, DTYPES, ["forward", INTO_OUT, "forward+backward in place"]]
     param_names = ["shape", "dtype", "op"]
     timeout = 300
 
@@ -285,7 +296,7 @@ class Bandwidth(_InPlaceInputs):
         pristine = _common.cached_logits(shape, dtype)
         logits = self._logits_for(op, pristine)
         call = nbxent_call(op, logits, _common.make_targets(shape), {})
-        call()  # warm-up: compiles, and faults in every page
+        call()  # warm-up: compiles, and faults in every page (of ``out`` too)
         repeats = 51 if _is_small(shape) else 5
         seconds = _common.median_seconds(call, repeats, before=lambda: self._refill(op, logits, pristine))
         copy_seconds = _common.copy_floor_seconds(pristine, repeats)
