@@ -135,33 +135,41 @@ def warm_up_once(key, fn: Callable[[], object]) -> None:
         _WARMED.add(key)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, before: Callable[[], object] | None = None) -> float:
-    """Median wall time of ``repeats`` calls of ``fn``; ``before`` (untimed) runs before each."""
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_floor_seconds(a: np.ndarray, repeats: int = 5) -> float:
-    """Median time of a parallel copy of the 2-D ``a`` into a same-sized buffer (rows split
-    over Numba's threads, ``nbxent.bench.parallel_copy``): the memory floor.
+def copy_floor(a: np.ndarray) -> Callable[[], object]:
+    """A no-argument parallel copy of the 2-D ``a`` into a same-sized buffer (rows split over
+    Numba's threads, ``nbxent.bench.parallel_copy``): the memory floor.
 
     A copy reads ``a.nbytes`` and writes ``a.nbytes``; its bytes-moved per second is the
     bandwidth that a streaming kernel on this machine can hope for (``np.copyto`` uses one
-    thread: on a 2-core machine it took 2.5x as long). The destination is touched once
-    before timing, so page faults are not counted. 16-bit arrays are copied as bits.
+    thread: on a 2-core machine it took 2.5x as long). The destination is touched once here,
+    so page faults are not timed. 16-bit arrays are copied as bits.
     """
     from nbxent.bench import parallel_copy
 
     src = a.view(np.uint16) if a.dtype.itemsize == 2 else a
     dst = np.empty_like(src)
     parallel_copy(src, dst)
-    return median_seconds(lambda: parallel_copy(src, dst), repeats)
+    return functools.partial(parallel_copy, src, dst)
+
+
+def paired_median_seconds(
+    fn: Callable[[], object], floor: Callable[[], object], repeats: int, before: Callable[[], object] | None = None
+) -> tuple[float, float]:
+    """Median wall times of ``fn`` and ``floor``, timed in turns (``fn`` then ``floor``,
+    ``repeats`` times), so that a slow spell of a shared machine falls on both: their ratio
+    is then a measure of ``fn`` and not of when each was timed. ``before`` runs untimed
+    before each call of ``fn``."""
+    fn_times, floor_times = [], []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        fn_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        floor()
+        floor_times.append(time.perf_counter() - start)
+    return statistics.median(fn_times), statistics.median(floor_times)
 
 
 def num_threads() -> int:

@@ -282,8 +282,8 @@ class Bandwidth(_InPlaceInputs):
     Bytes counted: "forward" reads the logits once (N x V x itemsize); "forward+backward in
     place" reads them and writes the gradient over them (twice that), as does "forward+backward
     into out", which writes it to a preallocated array (the bytes of the copy). The floor is a
-    parallel copy of the same logits on Numba's threads (``_common.copy_floor_seconds``),
-    timed in the same setup (reading and writing N x V x itemsize). The fraction is nbxent's
+    parallel copy of the same logits on Numba's threads (``_common.copy_floor``), timed in
+    turns with the call in the same setup (reading and writing N x V x itemsize). The fraction is nbxent's
     bytes per second over the copy's; 1 means as fast as a copy, and "forward" can exceed it
     since a pure read avoids the copy's write traffic.
     """
@@ -297,9 +297,10 @@ class Bandwidth(_InPlaceInputs):
         logits = self._logits_for(op, pristine)
         call = nbxent_call(op, logits, _common.make_targets(shape), {})
         call()  # warm-up: compiles, and faults in every page (of ``out`` too)
-        repeats = 51 if _is_small(shape) else 5
-        seconds = _common.median_seconds(call, repeats, before=lambda: self._refill(op, logits, pristine))
-        copy_seconds = _common.copy_floor_seconds(pristine, repeats)
+        repeats = 51 if _is_small(shape) else 9
+        seconds, copy_seconds = _common.paired_median_seconds(
+            call, _common.copy_floor(pristine), repeats, before=lambda: self._refill(op, logits, pristine)
+        )
         moved = pristine.nbytes * (1 if op == "forward" else 2)
         self.gbps = moved / seconds / 1e9
         self.copy_gbps = 2 * pristine.nbytes / copy_seconds / 1e9
