@@ -263,30 +263,29 @@ def store_capped_sums(x, g, m, half, cap, w):
 
 
 @jit_reduce
-def block_store(x, g, m, w, smooth, half, cap, ebuf):
-    """``g_j = exp(min(x_j - m, EXP_CLAMP))`` over one block; returns the block's ``(s, sm)`` as
-    ``block_sums``. ``x`` may hold 16-bit bits (``half`` says which format; 0 for float
-    blocks): they are widened in the loop that takes the exp, as they are loaded.
+def block_store(x, g, m, w, smooth, cap, ebuf):
+    """``g_j = exp(min(x_j - m, EXP_CLAMP))`` over one block of float logits; returns the block's
+    ``(s, sm)`` as ``block_sums``. 16-bit blocks take ``block_store16``: apart, so that neither
+    compiles the other's loops (each an exp, a tanh or both, vectorized for nothing).
 
-    The sums of float blocks run in a loop that stores nothing. A loop that stored into
-    ``g`` while summing was vectorized behind a run-time check that ``x`` and ``g`` lie far
-    enough apart, and took its scalar version, which sums in another order, when they did
-    not (two small arrays allocated side by side): the same row gave results a few ulp apart
-    from call to call. ``g`` may be ``x`` itself (the masked leading blocks' fix-up): each
-    entry is read before it is written.
+    The sums of plain blocks run in a loop that stores nothing. A loop that stored into ``g``
+    while summing was vectorized behind a run-time check that ``x`` and ``g`` lie far enough
+    apart, and took its scalar version, which sums in another order, when they did not (two
+    small arrays allocated side by side): the same row gave results a few ulp apart from
+    call to call. ``g`` may be ``x`` itself (the masked leading blocks' fix-up): each entry is
+    read before it is written.
 
     With soft-capping (``cap > 0``) and no ``smooth``, ``g_j`` is the exp times the cap's
     derivative ``1 - (xc_j / cap)^2``, so that the gradient sweep needs no tanh and no exp,
     and the exps are summed in the loop that stores the products; with ``smooth``, whose
     gradient needs the derivative apart from the exp, ``g_j`` is the capped logit itself
-    (``store_capped_sums``), summed the same way. For float blocks that loop's store goes to
-    ``g`` where ``g`` lies far from ``x`` (``far_apart``) and to ``ebuf`` otherwise, copied
-    to ``g`` after it, or to ``ebuf`` alone for the loss (an empty ``g``): one loop, whose
-    destination is a run-time pointer that never fails LLVM's overlap check, so the loss
-    alone, in place and out of place sum in the same order and give the same bits. (``ebuf``
-    is far from every array: see ``padded_ebuf``.) Storing to ``g`` in the loop, rather than
-    copying ``ebuf`` to it after, overlaps the fetch of ``g``'s lines with the arithmetic
-    (out of place, 1.1x).
+    (``store_capped_sums``), summed the same way. That loop's store goes to ``g`` where ``g``
+    lies far from ``x`` (``far_apart``) and to ``ebuf`` otherwise, copied to ``g`` after it,
+    or to ``ebuf`` alone for the loss (an empty ``g``): one loop, whose destination is a
+    run-time pointer that never fails LLVM's overlap check, so the loss alone, in place and
+    out of place sum in the same order and give the same bits. (``ebuf`` is far from every
+    array: see ``padded_ebuf``.) Storing to ``g`` in the loop, rather than copying ``ebuf`` to
+    it after, overlaps the fetch of ``g``'s lines with the arithmetic (out of place, 1.1x).
     """
     zero = as_dtype_of(g, 0)
     clamp = as_dtype_of(g, EXP_CLAMP)
@@ -294,46 +293,24 @@ def block_store(x, g, m, w, smooth, half, cap, ebuf):
     sm = zero
     if smooth and not cap > zero:  # before an in-place store overwrites x (capped: in the loop)
         for j in range(x.size):
-            d = exact_sub(m, widen(x[j], half))
+            d = exact_sub(m, x[j])
             sm += w[j] * d if has_w else d
-    # 16-bit bits and the float32 scratch are never the same memory, so LLVM's run-time check
-    # always picks the vector loop and the sum can be taken as the exps are stored (8% less
-    # time an entry in cache); a constant format in each loop gives one conversion an entry.
-    if cap > zero and smooth:
-        if half == HALF_BF16:
-            return store_capped_sums(x, g, m, HALF_BF16, cap, w)
-        if half == HALF_F16:
-            return store_capped_sums(x, g, m, HALF_F16, cap, w)
-        s = zero
-        direct = g.size > 0 and far_apart(x, g)
-        for c0 in range(0, x.size, ebuf.size):  # one piece for a block, as below
-            c1 = min(c0 + ebuf.size, x.size)
-            dst = g[c0:c1] if direct else ebuf[: c1 - c0]
-            bs, bsm = store_capped_sums(x[c0:c1], dst, m, 0, cap, w[c0:c1] if has_w else w)
-            s += bs
-            sm += bsm
-            if g.size > 0 and not direct:
-                copy_block(dst, g[c0:c1])
-        return s, sm
     if cap > zero:
-        if half == HALF_BF16:
-            return store_exp_sum_capped(x, g, m, HALF_BF16, cap), sm
-        if half == HALF_F16:
-            return store_exp_sum_capped(x, g, m, HALF_F16, cap), sm
         s = zero
         direct = g.size > 0 and far_apart(x, g)
         for c0 in range(0, x.size, ebuf.size):  # one piece for a block
             c1 = min(c0 + ebuf.size, x.size)
             # (ebuf from 0: indexing it from an offset kept LLVM from vectorizing)
             dst = g[c0:c1] if direct else ebuf[: c1 - c0]
-            s += store_exp_sum_capped(x[c0:c1], dst, m, 0, cap)
+            if smooth:
+                bs, bsm = store_capped_sums(x[c0:c1], dst, m, 0, cap, w[c0:c1] if has_w else w)
+                s += bs
+                sm += bsm
+            else:
+                s += store_exp_sum_capped(x[c0:c1], dst, m, 0, cap)
             if g.size > 0 and not direct:
                 copy_block(dst, g[c0:c1])
         return s, sm
-    if half == HALF_BF16:
-        return store_exp_sum(x, g, m, HALF_BF16), sm
-    if half == HALF_F16:
-        return store_exp_sum(x, g, m, HALF_F16), sm
     for j in range(x.size):
         d = x[j] - m
         g[j] = fast_exp(clamp if d > clamp else d)
@@ -341,6 +318,33 @@ def block_store(x, g, m, w, smooth, half, cap, ebuf):
     for j in range(g.size):
         s += g[j]
     return s, sm
+
+
+@jit_reduce
+def block_store16(x, g, m, w, smooth, half, cap):
+    """``block_store`` for a block of 16-bit bits ``x`` (format ``half``), widened in the loop
+    that takes the exp, as they are loaded, into the float32 scratch ``g``. The bits and the
+    scratch are never the same memory, so LLVM's run-time check (here one of bounds) always
+    picks the vector loop and the sum can be taken as the exps are stored (8% less time an
+    entry in cache); a constant format in each loop gives one conversion an entry."""
+    zero = as_dtype_of(g, 0)
+    has_w = w.size > 0
+    sm = zero
+    if smooth and not cap > zero:
+        for j in range(x.size):
+            d = exact_sub(m, widen(x[j], half))
+            sm += w[j] * d if has_w else d
+    if cap > zero and smooth:
+        if half == HALF_BF16:
+            return store_capped_sums(x, g, m, HALF_BF16, cap, w)
+        return store_capped_sums(x, g, m, HALF_F16, cap, w)
+    if cap > zero:
+        if half == HALF_BF16:
+            return store_exp_sum_capped(x, g, m, HALF_BF16, cap), sm
+        return store_exp_sum_capped(x, g, m, HALF_F16, cap), sm
+    if half == HALF_BF16:
+        return store_exp_sum(x, g, m, HALF_BF16), sm
+    return store_exp_sum(x, g, m, HALF_F16), sm
 
 
 # LLVM vectorizes a loop that loads ``x`` and stores ``g`` behind a run-time check that
@@ -445,18 +449,18 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
         if src16 is not None:
             if claim is not None:
                 zero_block(claim[lo:hi])
-            bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half, cap, ebuf)
+            bs, bsm = block_store16(src16[lo:hi], gb, m, wb, smooth, half, cap)
             if bs >= big:  # row_stats step 3
                 mb = cap_max(as_dtype_of(x, widen(max_bits16(src16[lo:hi]), half)), cap, inv_cap)
                 m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
-                bs, bsm = block_store(src16[lo:hi], gb, m, wb, smooth, half, cap, ebuf)
+                bs, bsm = block_store16(src16[lo:hi], gb, m, wb, smooth, half, cap)
         else:
             xb = g[lo:hi] if in_place else x[lo:hi]
-            bs, bsm = block_store(xb, gb, m, wb, smooth, 0, cap, ebuf)
+            bs, bsm = block_store(xb, gb, m, wb, smooth, cap, ebuf)
             if bs >= big:  # row_stats step 3
                 mb = cap_max(row_max(xb), cap, inv_cap)
                 m, s, sm, live = raise_max(m, s, sm, seen, live, mb, lo, smooth)
-                bs, bsm = block_store(xb, gb, m, wb, smooth, 0, cap, ebuf)
+                bs, bsm = block_store(xb, gb, m, wb, smooth, cap, ebuf)
             if in_place:
                 copy_block(gb, g[lo:hi])
         block_m[lo // STATS_BLOCK] = m
@@ -467,7 +471,7 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
     if live != 0:  # leading all--inf blocks: stored against the final max, as exp(-inf - m) = 0
         head = n if live < 0 else live
         xh = g[:head] if in_place else x[:head]
-        bs, bsm = block_store(xh, g[:head], m, w[:head] if has_w else w, smooth, 0, cap, ebuf)
+        bs, bsm = block_store(xh, g[:head], m, w[:head] if has_w else w, smooth, cap, ebuf)
         s += bs
         sm += bsm
         block_m[: (head + STATS_BLOCK - 1) // STATS_BLOCK] = m

@@ -684,7 +684,10 @@ def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
     def block(r):
         x = rows[r].copy()
         g = np.empty(37, np.float32)  # allocated right after x more often than not
-        s, sm = _cpu.block_store(x, g, m, w, smooth, half, np.float32(0), w[:0])
+        if half:
+            s, sm = _cpu.block_store16(x, g, m, w, smooth, half, np.float32(0))
+        else:
+            s, sm = _cpu.block_store(x, g, m, w, smooth, np.float32(0), w[:0])
         return s, sm, g
 
     want = [block(r) for r in range(23)]
@@ -719,7 +722,7 @@ def test_capped_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, dtype):
         x = side_by_side[:n]
         x[:] = rows[r]
         g = {"after": side_by_side[n:], "far": far[-n:], "same": x, "none": far[:0]}[where]
-        s, sm = _cpu.block_store(x, g, m, w, smooth, 0, cap, _cpu.padded_ebuf(cap, far))
+        s, sm = _cpu.block_store(x, g, m, w, smooth, cap, _cpu.padded_ebuf(cap, far))
         return s, sm, g.copy()
 
     want = [block(r, "far") for r in range(23)]
