@@ -283,9 +283,9 @@ class Bandwidth(_InPlaceInputs):
     place" reads them and writes the gradient over them (twice that), as does "forward+backward
     into out", which writes it to a preallocated array (the bytes of the copy). The floor is a
     parallel copy of the same logits on Numba's threads (``_common.copy_floor``), timed in
-    turns with the call in the same setup (reading and writing N x V x itemsize). The fraction is nbxent's
-    bytes per second over the copy's; 1 means as fast as a copy, and "forward" can exceed it
-    since a pure read avoids the copy's write traffic.
+    turns with the call in the same setup (reading and writing N x V x itemsize). The fraction
+    is nbxent's bytes per second over the copy's; 1 means as fast as a copy, and "forward" can
+    exceed it since a pure read avoids the copy's write traffic.
     """
 
     params = [SHAPES, DTYPES, ["forward", INTO_OUT, "forward+backward in place"]]

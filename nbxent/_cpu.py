@@ -221,9 +221,10 @@ def store_exp_sum_capped(x, g, m, half, cap):
     """``store_exp_sum`` after soft-capping, ``xc_j = cap tanh(x_j / cap)``: stores
     ``exp(min(xc_j - m, EXP_CLAMP)) * (1 - (xc_j / cap)^2)`` (the exp times dxc_j/dx_j) and
     returns the sum of the exps alone. ``x`` holds 16-bit bits (``half``, with ``fast_exp16``)
-    or floats (``half`` 0); ``g`` never overlaps it (the float32 scratch, or an L1 buffer for
-    float rows: ``block_store``), so LLVM's run-time overlap check always takes the vector
-    loop and the sum's order is fixed."""
+    or floats (``half`` 0); ``g`` is never where LLVM's run-time overlap check would fail (the
+    float32 scratch of 16-bit rows; for float rows the gradient where ``far_apart`` allows it,
+    else the padded L1 buffer: ``block_store``), so the vector loop always runs and the sum's
+    order is fixed."""
     one = as_dtype_of(g, 1)
     inv_cap = one / cap
     s = as_dtype_of(g, 0)

@@ -78,7 +78,11 @@ class TestExp:
         assert np.isnan(got[1])
         assert got[2] == 1.0 and got[3] == 1.0
         assert got[4] == 0.0 and got[5] == 0.0  # below 2**-125: flushed to 0
-        assert ulp_error(got[6:], x[6:], np.exp)[0] <= EXPS[name][1]  # near the top: 3.39e38
+        top = np.float32(np.exp(np.float64(np.float32(88.72))))  # near the top: 3.39e38
+        if name == "exp_f32":  # the correctly rounded value there
+            assert got[6] == top
+        else:
+            assert ulp_error(got[6:], x[6:], np.exp)[0] <= EXPS[name][1]
 
     def test_flushes_only_below_2_to_the_minus_125(self, name):
         fn, _, bound_nonpos, _ = EXPS[name]
