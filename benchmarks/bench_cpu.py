@@ -12,7 +12,8 @@ Every timed case is one point of the grid ``shape x dtype x options x op`` from 
 ``PeakMemory.peakmem_nbxent`` shows that the in-place gradient allocates nothing of size N x V;
 ``Bandwidth.track_*`` report GB/s and the fraction of the copy floor, with one more op,
 "forward+backward into out": the gradient into a preallocated ``out`` (the issue's fused
-target; "forward+backward" allocates a new gradient every call, whose page faults it times).
+target; "forward+backward" allocates a new gradient every call, whose page faults it times);
+``CopyFloors.track_*`` set that floor beside a copy with streaming stores.
 """
 
 from __future__ import annotations
@@ -314,3 +315,42 @@ class Bandwidth(_InPlaceInputs):
         return self.gbps / self.copy_gbps
 
     track_fraction_of_copy_floor.unit = "x copy GB/s"
+
+
+class CopyFloors:
+    """The copy floor that ``Bandwidth`` divides by, beside a copy of the same bytes with
+    streaming stores (x86 only; skipped elsewhere).
+
+    A plain store first reads the cache line it writes (so the floor's copy moves three bytes
+    for every byte copied); a streaming store of a whole line does not (two). Their ratio is
+    how much of the floor that read is; nbxent's kernels use plain stores (docs/cpu.md).
+    """
+
+    params = [SHAPES, DTYPES]
+    param_names = ["shape", "dtype"]
+    timeout = 300
+
+    def setup(self, shape, dtype):
+        from nbxent.bench import HAS_STREAM_COPY, parallel_stream_copy
+
+        if not HAS_STREAM_COPY:
+            raise NotImplementedError("streaming stores are x86 code")  # asv: skipped
+        pristine = _common.cached_logits(shape, dtype)
+        src = pristine.view(np.uint16)  # any dtype, copied as 16-bit words
+        dst = np.empty_like(src)
+        stream = functools.partial(parallel_stream_copy, src, dst)
+        stream()  # compiles, and faults in ``dst``
+        repeats = 51 if _is_small(shape) else 9
+        seconds, copy_seconds = _common.paired_median_seconds(stream, _common.copy_floor(pristine), repeats)
+        self.gbps = 2 * pristine.nbytes / seconds / 1e9
+        self.copy_gbps = 2 * pristine.nbytes / copy_seconds / 1e9
+
+    def track_streaming_copy_gbps(self, shape, dtype):
+        return self.gbps
+
+    track_streaming_copy_gbps.unit = "GB/s"
+
+    def track_streaming_over_copy_floor(self, shape, dtype):
+        return self.gbps / self.copy_gbps
+
+    track_streaming_over_copy_floor.unit = "x copy GB/s"

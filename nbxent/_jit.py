@@ -17,7 +17,7 @@ import os
 import numba
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
 # Fast-math flags, in two sets. Neither has ``nnan``/``ninf`` (``-inf`` masks vocabulary,
@@ -326,6 +326,43 @@ def f32_to_f16(typingctx, x):
         return b.bitcast(b.fptrunc(args[0], ir.HalfType()), _I16)
 
     return types.uint16(types.float32), codegen
+
+
+# Streaming stores, for ``nbxent bench``'s second copy floor; the kernels store plainly: in
+# their gradient sweep streaming stores were slower on this project's VM (docs/cpu.md).
+@intrinsic
+def stream_line16(typingctx, dst, j, src, k):
+    """``dst[j:j + 32] = src[k:k + 32]`` (uint16 arrays) by one non-temporal 64-byte store,
+    which writes the cache line without reading it first; ``dst[j]`` must start a 64-byte
+    line. Follow the stores with ``store_fence`` before anything else reads ``dst``."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == src.dtype == types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dty, _, sty, _ = sig.args
+        d = context.make_array(dty)(context, builder, args[0])
+        s = context.make_array(sty)(context, builder, args[2])
+        dp = cgutils.get_item_pointer(context, builder, dty, d, [args[1]], wraparound=False)
+        sp = cgutils.get_item_pointer(context, builder, sty, s, [args[3]], wraparound=False)
+        line = ir.VectorType(_I16, 32)
+        v = builder.load(builder.bitcast(sp, line.as_pointer()), align=2)
+        st = builder.store(v, builder.bitcast(dp, line.as_pointer()), align=64)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+        return context.get_dummy_value()
+
+    return types.none(dst, j, src, k), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """x86 ``sfence``: the non-temporal stores before it are visible before any store after it."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
 
 
 # Format codes of 16-bit logits (``half`` arguments): IEEE half and bfloat16.

@@ -20,6 +20,8 @@ def test_bench_prints_every_row(dtype, capsys):
     out = capsys.readouterr().out
     ops = ["copy (floor)", "np.copyto (1 thread)", "read (floor)", "forward", "forward+backward",
            "forward+backward in place"]  # fmt: skip
+    if bench.HAS_STREAM_COPY:
+        ops.insert(2, "copy, streaming stores")
     if dtype == "float32":  # the NumPy peer computes in the logits' dtype: float types only
         ops.append("NumPy forward+backward")
     for shape in ("64×1000", "3×2049"):
@@ -39,3 +41,22 @@ def test_parallel_copy_copies_every_row(dtype):
     dst = np.full_like(src, 7)
     bench.parallel_copy(src, dst)
     np.testing.assert_array_equal(dst, src)
+
+
+@pytest.mark.skipif(not bench.HAS_STREAM_COPY, reason="streaming stores are x86 code")
+@pytest.mark.parametrize("n_cols", [0, 1, 31, 32, 33, 95, 1001, 4096])
+@pytest.mark.parametrize("offset", [0, 1, 15, 31])
+def test_stream_copy_copies_every_row_at_any_alignment(n_cols, offset):
+    """Whole lines go by streaming stores, the partial lines at each end by plain ones: rows
+    that start anywhere in a line, shorter than a line, or one line long come out exact."""
+    rng = np.random.default_rng()
+    n_rows = 7
+    src = rng.integers(0, 65536, size=n_rows * n_cols + 64).astype(np.uint16)
+    raw = np.full(n_rows * n_cols + 64, 7, np.uint16)
+    start = (-raw.ctypes.data % 64) // 2 + offset  # dst starts `offset` words into a line
+    dst = raw[start : start + n_rows * n_cols].reshape(n_rows, n_cols)
+    src2d = src[3 : 3 + n_rows * n_cols].reshape(n_rows, n_cols)
+    bench.parallel_stream_copy(src2d, dst)
+    np.testing.assert_array_equal(dst, src2d)
+    np.testing.assert_array_equal(raw[:start], 7)  # nothing written outside dst
+    np.testing.assert_array_equal(raw[start + n_rows * n_cols :], 7)
