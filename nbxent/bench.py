@@ -60,6 +60,8 @@ def _stream_copy_row(src, dst):
     """``dst[:] = src`` (uint16) with non-temporal stores for every whole 64-byte line of ``dst``."""
     n = src.size
     head = min(((-dst.ctypes.data) % 64) // 2, n)  # entries before dst's first whole line
+    if dst.ctypes.data % 2:  # (a misaligned view: no entry starts a line, copy plainly)
+        head = n
     for j in range(head):
         dst[j] = src[j]
     j = head

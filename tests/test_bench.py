@@ -60,3 +60,12 @@ def test_stream_copy_copies_every_row_at_any_alignment(n_cols, offset):
     np.testing.assert_array_equal(dst, src2d)
     np.testing.assert_array_equal(raw[:start], 7)  # nothing written outside dst
     np.testing.assert_array_equal(raw[start + n_rows * n_cols :], 7)
+
+
+@pytest.mark.skipif(not bench.HAS_STREAM_COPY, reason="streaming stores are x86 code")
+def test_stream_copy_of_a_view_at_an_odd_address_is_plain_and_exact():
+    raw = np.zeros(3 * 100 * 2 + 1, np.uint8)
+    dst = raw[1:].view(np.uint16).reshape(3, 100)  # misaligned: no entry starts a line
+    src = np.random.default_rng().integers(0, 65536, size=(3, 100)).astype(np.uint16)
+    bench.parallel_stream_copy(src, dst)
+    np.testing.assert_array_equal(dst, src)
