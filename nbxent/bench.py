@@ -8,9 +8,10 @@ for a pass that reads the logits and writes a gradient is one parallel copy of t
 loss alone it is one parallel read of the logits. ``np.copyto``, one thread, is shown too:
 on a 2-core machine it took 2.5x the parallel copy. On x86, so is a parallel copy with
 streaming stores, which write whole cache lines without reading them first (a plain store
-reads its line before writing it): less traffic than the floor's, 1.38-1.49x faster on this
-project's VM; nbxent's kernels do not use such stores (docs/cpu.md says why). Peers: a vectorized NumPy implementation
-and, when importable, PyTorch's ``F.cross_entropy`` forward+backward on the same thread count.
+reads its line before writing it): less traffic than the floor's, 1.3-1.6x faster on this
+project's VM; nbxent's kernels do not use such stores (docs/cpu.md says why). Peers: a
+vectorized NumPy implementation and, when importable, PyTorch's ``F.cross_entropy``
+forward+backward on the same thread count.
 """
 
 from __future__ import annotations
