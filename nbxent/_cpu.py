@@ -264,6 +264,19 @@ def store_capped_sums(x, g, m, half, cap, w):
 
 
 @jit_reduce
+def smoothing_sum(x, m, w, half, like):
+    """``sum_j w_j (m - x_j)`` (``w_j = 1`` when ``w`` is empty) over one block of floats, or of
+    16-bit bits in format ``half``, in the dtype of ``like``: the label-smoothing term of an
+    uncapped block in ``block_store`` and ``block_store16``."""
+    has_w = w.size > 0
+    sm = as_dtype_of(like, 0)
+    for j in range(x.size):
+        d = exact_sub(m, widen(x[j], half))  # a leaf that ``reassoc`` cannot merge into the sum
+        sm += w[j] * d if has_w else d
+    return sm
+
+
+@jit_reduce
 def block_store(x, g, m, w, smooth, cap, ebuf):
     """``g_j = exp(min(x_j - m, EXP_CLAMP))`` over one block of float logits; returns the block's
     ``(s, sm)`` as ``block_sums``. 16-bit blocks take ``block_store16``: apart, so that neither
@@ -293,9 +306,7 @@ def block_store(x, g, m, w, smooth, cap, ebuf):
     has_w = w.size > 0
     sm = zero
     if smooth and not cap > zero:  # before an in-place store overwrites x (capped: in the loop)
-        for j in range(x.size):
-            d = exact_sub(m, x[j])
-            sm += w[j] * d if has_w else d
+        sm = smoothing_sum(x, m, w, 0, g)
     if cap > zero:
         s = zero
         direct = g.size > 0 and far_apart(x, g)
@@ -329,12 +340,9 @@ def block_store16(x, g, m, w, smooth, half, cap):
     picks the vector loop and the sum can be taken as the exps are stored (8% less time an
     entry in cache); a constant format in each loop gives one conversion an entry."""
     zero = as_dtype_of(g, 0)
-    has_w = w.size > 0
     sm = zero
     if smooth and not cap > zero:
-        for j in range(x.size):
-            d = exact_sub(m, widen(x[j], half))
-            sm += w[j] * d if has_w else d
+        sm = smoothing_sum(x, m, w, half, g)
     if cap > zero and smooth:
         if half == HALF_BF16:
             return store_capped_sums(x, g, m, HALF_BF16, cap, w)

@@ -60,9 +60,10 @@ def parallel_copy(src2d, dst2d):
 def _stream_copy_row(src, dst):
     """``dst[:] = src`` (uint16) with non-temporal stores for every whole 64-byte line of ``dst``."""
     n = src.size
-    head = min(((-dst.ctypes.data) % 64) // 2, n)  # entries before dst's first whole line
-    if dst.ctypes.data % 2:  # (a misaligned view: no entry starts a line, copy plainly)
-        head = n
+    addr = dst.ctypes.data
+    # entries before dst's first whole line; all of them for a view at an odd address, where
+    # no entry starts a line (copied plainly)
+    head = n if addr % 2 else min(((-addr) % 64) // 2, n)
     for j in range(head):
         dst[j] = src[j]
     j = head
