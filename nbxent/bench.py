@@ -52,6 +52,8 @@ def _copy_row(src, dst):
 def parallel_copy(src2d, dst2d):
     """Copy a 2-D array row by row, rows split over the threads: every byte read and written
     once, the floor of a pass that reads the logits and writes a gradient."""
+    if src2d.shape != dst2d.shape:
+        raise ValueError("parallel_copy: the source and the destination must have the same shape")
     for i in numba.prange(src2d.shape[0]):
         _copy_row(src2d[i], dst2d[i])
 
@@ -80,6 +82,8 @@ def parallel_stream_copy(src2d, dst2d):
     writes a whole cache line this way skips the read of that line, which a plain store makes
     first, so the copy moves two bytes for every byte copied where a plain copy moves three.
     (x86 only: it ends with ``sfence``.)"""
+    if src2d.shape != dst2d.shape:
+        raise ValueError("parallel_stream_copy: the source and the destination must have the same shape")
     for i in numba.prange(src2d.shape[0]):
         _stream_copy_row(src2d[i], dst2d[i])
         store_fence()

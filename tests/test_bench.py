@@ -69,3 +69,12 @@ def test_stream_copy_of_a_view_at_an_odd_address_is_plain_and_exact():
     src = np.random.default_rng().integers(0, 65536, size=(3, 100)).astype(np.uint16)
     bench.parallel_stream_copy(src, dst)
     np.testing.assert_array_equal(dst, src)
+
+
+@pytest.mark.parametrize("copy", ["parallel_copy", "parallel_stream_copy"])
+def test_copies_refuse_arrays_of_different_shapes(copy):
+    if copy == "parallel_stream_copy" and not bench.HAS_STREAM_COPY:
+        pytest.skip("streaming stores are x86 code")
+    src = np.zeros((3, 100), np.uint16)
+    with pytest.raises(ValueError, match="same shape"):
+        getattr(bench, copy)(src, np.zeros((3, 99), np.uint16))
