@@ -47,6 +47,74 @@ def cuda_status() -> str:
         return f"no ({e})"
 
 
+def _cpuinfo_fields(text: str) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of a Linux ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _vector_isa(features: dict[str, bool]) -> str:
+    """The widest vector instruction set in LLVM's host features, as the kernels can use it."""
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2 (no AVX-512)"), ("avx", "AVX"), ("sve", "SVE"),
+                       ("neon", "NEON"), ("sse2", "SSE2")):  # fmt: skip
+        if features.get(flag):
+            return name
+    return "no vector ISA LLVM names"
+
+
+def cpu_description() -> str:
+    """The CPU the kernels run on, in one line: its model (with the x86 family and model
+    numbers on Linux, which tell generations apart where a virtual machine's name does not),
+    the core LLVM compiles for, the widest vector instruction set, and the L2 cache of one
+    core. ``nbxent bench`` prints it above its table, so that a figure says which machine
+    gave it (a cloud VM of one name can land on hosts of different generations)."""
+    import llvmlite.binding as ll
+
+    parts = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = _cpuinfo_fields(f.read())
+    except OSError:
+        fields = {}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (x86 family {fields['cpu family']} model {fields['model']})"
+    parts.append(name)
+    parts.append(f"LLVM target {ll.get_host_cpu_name()}")
+    parts.append(_vector_isa(dict(ll.get_host_cpu_features())))
+    l2 = _l2_per_core()
+    if l2:
+        parts.append(f"L2 {l2} per core")
+    return ", ".join(parts)
+
+
+def _l2_per_core() -> str | None:
+    """The level-2 data or unified cache of CPU 0, as Linux sysfs gives it (``512K``), or None."""
+    import glob
+
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{index}/level") as f:
+                level = f.read().strip()
+            with open(f"{index}/type") as f:
+                kind = f.read().strip()
+            with open(f"{index}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data"):
+            return size
+    return None
+
+
 def info() -> str:
     import numba
     import numpy as np
@@ -58,6 +126,7 @@ def info() -> str:
         f"nbxent          {nbxent.__version__}",
         f"python          {platform.python_version()} ({sys.executable})",
         f"platform        {platform.platform()}",
+        f"cpu             {cpu_description()}",
         f"numpy           {np.__version__}",
         f"numba           {numba.__version__} (llvmlite {_version('llvmlite')})",
         f"numba-cuda      {_version('numba-cuda')}",
@@ -90,8 +159,9 @@ def bench(args: argparse.Namespace) -> str:
         progress=progress,
     )
     out = [
-        f"nbxent bench: {numba.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"median of {args.repeats}; × floor is the time over one copy of the logits (forward: one read)",
+        f"nbxent bench: {numba.get_num_threads()} threads, median of {args.repeats}; × floor is the time over "
+        "one copy of the logits (forward: one read)",
+        f"cpu: {cpu_description()}",
         "",
         b.format_table(rows),
     ]

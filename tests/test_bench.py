@@ -78,3 +78,40 @@ def test_copies_refuse_arrays_of_different_shapes(copy):
     src = np.zeros((3, 100), np.uint16)
     with pytest.raises(ValueError, match="same shape"):
         getattr(bench, copy)(src, np.zeros((3, 99), np.uint16))
+
+
+def test_bench_names_the_cpu(capsys):
+    import llvmlite.binding as ll
+
+    assert cli.main(["bench", "--shapes", "4x100", "--repeats", "1", "--no-torch", "--no-numpy",
+                     "--no-first-call"]) == 0  # fmt: skip
+    cpu_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu: ")]
+    assert len(cpu_lines) == 1
+    assert f"LLVM target {ll.get_host_cpu_name()}" in cpu_lines[0]
+    wide = dict(ll.get_host_cpu_features())
+    assert f", {cli._vector_isa(wide)}" in cpu_lines[0]
+    assert (", AVX-512," in cpu_lines[0] or cpu_lines[0].endswith(", AVX-512")) == bool(wide.get("avx512f"))
+
+
+def test_cpuinfo_fields_are_the_first_processors():
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC 9R14\n\nprocessor\t: 1\nmodel\t\t: 99\nmodel name\t: other\n")  # fmt: skip
+    fields = cli._cpuinfo_fields("\n" + text)
+    assert fields["model name"] == "AMD EPYC 9R14"
+    assert (fields["cpu family"], fields["model"]) == ("25", "17")
+    assert cli._cpuinfo_fields("") == {}
+
+
+@pytest.mark.parametrize(
+    ("features", "isa"),
+    [
+        ({"avx512f": True, "avx2": True}, "AVX-512"),
+        ({"avx512f": False, "avx2": True, "avx": True}, "AVX2 (no AVX-512)"),
+        ({"avx": True}, "AVX"),
+        ({"neon": True}, "NEON"),
+        ({"sve": True, "neon": True}, "SVE"),
+        ({}, "no vector ISA LLVM names"),
+    ],
+)
+def test_vector_isa_names_the_widest(features, isa):
+    assert cli._vector_isa(features) == isa
