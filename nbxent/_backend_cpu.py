@@ -206,7 +206,8 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)
     if half:
         ring = _cpu.scratch_ring(n_cols)  # the kernel takes one window for the loss alone
-        args = (*common, half, ring, in_place, loss_rows, lse)
+        claim = grad and not in_place and _cpu.claims_output(n_cols)
+        args = (*common, half, ring, in_place, claim, loss_rows, lse)
         run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *args)
     else:
         run_rows(_cpu.xent_rows, _cpu.xent_range, n_rows, n_cols, *common, in_place, loss_rows, lse)

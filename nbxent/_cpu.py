@@ -17,6 +17,8 @@ others); the gradient is rounded back to 16 bits as it is written.
 
 from __future__ import annotations
 
+import functools
+import glob
 import math
 
 import numba
@@ -84,28 +86,6 @@ def first_max(xb, src16, half):
 RESUM_AT = math.exp(EXP_CLAMP) / 2
 
 
-@jit_reduce
-def block_sums(x, m, cap, inv_cap, w, smooth):
-    """``(sum_j exp(min(xc_j - m, EXP_CLAMP)), sum_j w_j (m - xc_j))`` over one block (see
-    ``row_stats``)."""
-    zero = as_dtype_of(x, 0)
-    clamp = as_dtype_of(x, EXP_CLAMP)
-    capped = cap > zero
-    has_w = w.size > 0
-    s = zero
-    sm = zero
-    for j in range(x.size):
-        v = x[j]
-        if capped:
-            v = cap * fast_tanh(v * inv_cap)
-        d = v - m
-        s += fast_exp(clamp if d > clamp else d)  # (a NaN d stays NaN)
-        if smooth:
-            d = exact_sub(m, v)  # a leaf that ``reassoc`` cannot merge into the sum
-            sm += w[j] * d if has_w else d
-    return s, sm
-
-
 # ``src16 is None`` tests below are resolved when Numba compiles: float rows never compile the
 # 16-bit code (which tripled their first compile while an empty array stood for "no 16-bit
 # row"). The block reads are written out in both one-pass functions: a shared helper that
@@ -136,7 +116,7 @@ def cap_max(mb, cap, inv_cap):
 
 
 @jit_serial
-def row_stats(x, cap, w, smooth):
+def row_stats(x, cap, w, smooth, ebuf):
     """Statistics of one row after optional soft-capping ``xc = cap * tanh(x / cap)``.
 
     Returns ``(m, s, sm)``: a reference max ``m`` (the row's max, or below it by less than
@@ -149,7 +129,8 @@ def row_stats(x, cap, w, smooth):
        block, if those are all -inf) is the reference max m;
     2. every block: s += sum_j exp(min(xc_j - m, EXP_CLAMP)), one loop that reads the block
        once, from memory. The exp is the cost; while it runs, the hardware prefetcher
-       streams the next block in, so memory and arithmetic overlap;
+       streams the next block in, so memory and arithmetic overlap. The loop is the fused
+       pass's (``block_store``), its exps stored to ``ebuf``, so that both sum in one order;
     3. a block whose sum reached RESUM_AT = e^EXP_CLAMP / 2 (an entry at least EXP_CLAMP -
        log(4096) above m, or +inf) takes its max mb, now from L1; what was summed so far is
        rescaled to it (s *= exp(m - mb), sm += (mb - m) * (weight summed so far)) and the
@@ -163,7 +144,7 @@ def row_stats(x, cap, w, smooth):
 
     Float rows: the loss alone of ``xent_row`` without soft-capping (its fused calls, 16-bit
     and soft-capped rows take ``row_stats_store``), ``normalize_row``, and the vocabulary
-    blocks of ``_cpu_vocab``.
+    blocks of ``_cpu_vocab``. ``ebuf`` is ``padded_ebuf``'s scratch.
     """
     zero = as_dtype_of(x, 0)
     capped = cap > zero
@@ -176,6 +157,7 @@ def row_stats(x, cap, w, smooth):
     sm = zero
     seen = zero  # weight of the entries in s and sm
     live = -1  # start of the first block whose max is above -inf
+    none = ebuf[:0]  # no gradient (writable, for read-only x too): block_store's exps go to ebuf
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
         xb = x[lo:hi]
@@ -185,17 +167,17 @@ def row_stats(x, cap, w, smooth):
             if live < 0:
                 continue
         wb = w[lo:hi] if has_w else w
-        bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)  # 2.
+        bs, bsm = block_store(xb, none, m, wb, smooth, cap, ebuf)  # 2.
         if bs >= big:  # 3. summed again against the block's own max
             m, s, sm, live = raise_max(m, s, sm, seen, live, cap_max(row_max(xb), cap, inv_cap), lo, smooth)
-            bs, bsm = block_sums(xb, m, cap, inv_cap, wb, smooth)
+            bs, bsm = block_store(xb, none, m, wb, smooth, cap, ebuf)
         s += bs
         sm += bsm
         if smooth:
             seen += as_dtype_of(x, np.sum(wb)) if has_w else as_dtype_of(x, hi - lo)
     if live != 0:  # blocks before the first live one, or the whole row if none is
         head = n if live < 0 else live
-        bs, bsm = block_sums(x[:head], m, cap, inv_cap, w[:head] if has_w else w, smooth)
+        bs, bsm = block_store(x[:head], none, m, w[:head] if has_w else w, smooth, cap, ebuf)
         s += bs
         sm += bsm
     return m, s, sm
@@ -203,14 +185,18 @@ def row_stats(x, cap, w, smooth):
 
 @jit_inline
 def store_exp_sum(x, g, m, half):
-    """``g_j = exp(min(x_j - m, EXP_CLAMP))`` for 16-bit bits ``x``, returning their sum; the exp
-    is ``fast_exp16`` (5 ulp, for a gradient rounded to 8 or 11 bits). Inlined by Numba with a
-    constant ``half``, so that the loop holds one conversion and the caller's ``reassoc``."""
+    """``g_j = exp(min(x_j - m, EXP_CLAMP))``, returning their sum, in one loop: for 16-bit bits
+    ``x`` (``half``) with ``fast_exp16`` (5 ulp, for a gradient rounded to 8 or 11 bits), for
+    floats (``half`` 0) with ``fast_exp``. Inlined by Numba with a constant ``half``, so that
+    the loop holds one conversion and the caller's ``reassoc``. ``g`` must never be where
+    LLVM's run-time overlap check fails (``block_store``), so that the vector loop, and its
+    order of the sum, always runs."""
     s = as_dtype_of(g, 0)
     clamp = as_dtype_of(g, EXP_CLAMP)
     for j in range(x.size):
         d = widen(x[j], half) - m
-        e = fast_exp16(clamp if d > clamp else d)
+        d = clamp if d > clamp else d
+        e = fast_exp16(d) if half != 0 else fast_exp(d)
         g[j] = e
         s += e
     return s
@@ -279,56 +265,53 @@ def smoothing_sum(x, m, w, half, like):
 @jit_reduce
 def block_store(x, g, m, w, smooth, cap, ebuf):
     """``g_j = exp(min(x_j - m, EXP_CLAMP))`` over one block of float logits; returns the block's
-    ``(s, sm)`` as ``block_sums``. 16-bit blocks take ``block_store16``: apart, so that neither
-    compiles the other's loops (each an exp, a tanh or both, vectorized for nothing).
+    ``(s, sm)``: ``s = sum_j exp(min(xc_j - m, EXP_CLAMP))`` and, with ``smooth``,
+    ``sm = sum_j w_j (m - xc_j)`` (``w_j = 1`` when ``w`` is empty). 16-bit blocks take
+    ``block_store16``: apart, so that neither compiles the other's loops (each an exp, a tanh
+    or both, vectorized for nothing).
 
-    The sums of plain blocks run in a loop that stores nothing. A loop that stored into ``g``
-    while summing was vectorized behind a run-time check that ``x`` and ``g`` lie far enough
-    apart, and took its scalar version, which sums in another order, when they did not (two
-    small arrays allocated side by side): the same row gave results a few ulp apart from
-    call to call. ``g`` may be ``x`` itself (the masked leading blocks' fix-up): each entry is
-    read before it is written.
+    The exps are summed in the loop that stores them, and that loop's store goes to ``g`` where
+    ``g`` lies far from ``x`` (``far_apart``) and to ``ebuf`` otherwise, copied to ``g`` after
+    it, or to ``ebuf`` alone where there is no gradient (an empty ``g``: the loss alone,
+    ``row_stats``). ``ebuf`` is far from every array (``padded_ebuf``). LLVM vectorizes the loop
+    behind a run-time check that the store does not overlap the next loads, and its scalar
+    version sums in another order: with a destination for which that check never fails, the
+    loss alone, in place and out of place run the same vector loop and give the same bits.
+    (Until 2026-11-27 plain float rows were summed in loops that stored nothing, the loss
+    alone's with the exp, the fused pass's over the stored exps: on a host with AVX-512 LLVM
+    gave both the same vector width and interleave, so the same order; on an AVX2 host it
+    interleaved the exp loop 2 and the plain sum 4, and 30-50% of rows came out a bit apart.)
+    ``g`` may be ``x`` itself (in place, the masked leading blocks' fix-up): it is never far
+    from itself, so the exps go through ``ebuf``, and each entry is read before it is written.
 
     With soft-capping (``cap > 0``) and no ``smooth``, ``g_j`` is the exp times the cap's
-    derivative ``1 - (xc_j / cap)^2``, so that the gradient sweep needs no tanh and no exp,
-    and the exps are summed in the loop that stores the products; with ``smooth``, whose
-    gradient needs the derivative apart from the exp, ``g_j`` is the capped logit itself
-    (``store_capped_sums``), summed the same way. That loop's store goes to ``g`` where ``g``
-    lies far from ``x`` (``far_apart``) and to ``ebuf`` otherwise, copied to ``g`` after it,
-    or to ``ebuf`` alone for the loss (an empty ``g``): one loop, whose destination is a
-    run-time pointer that never fails LLVM's overlap check, so the loss alone, in place and
-    out of place sum in the same order and give the same bits. (``ebuf`` is far from every
-    array: see ``padded_ebuf``.) Storing to ``g`` in the loop, rather than copying ``ebuf`` to
-    it after, overlaps the fetch of ``g``'s lines with the arithmetic (out of place, 1.1x).
+    derivative ``1 - (xc_j / cap)^2``, so that the gradient sweep needs no tanh and no exp;
+    with ``smooth``, whose gradient needs the derivative apart from the exp, ``g_j`` is the
+    capped logit itself (``store_capped_sums``), summed the same way. Storing to ``g`` in the
+    loop, rather than copying ``ebuf`` to it after, overlaps the fetch of ``g``'s lines with
+    the arithmetic (soft-capped, out of place, 1.1x).
     """
     zero = as_dtype_of(g, 0)
-    clamp = as_dtype_of(g, EXP_CLAMP)
     has_w = w.size > 0
     sm = zero
     if smooth and not cap > zero:  # before an in-place store overwrites x (capped: in the loop)
         sm = smoothing_sum(x, m, w, 0, g)
-    if cap > zero:
-        s = zero
-        direct = g.size > 0 and far_apart(x, g)
-        for c0 in range(0, x.size, ebuf.size):  # one piece for a block
-            c1 = min(c0 + ebuf.size, x.size)
-            # (ebuf from 0: indexing it from an offset kept LLVM from vectorizing)
-            dst = g[c0:c1] if direct else ebuf[: c1 - c0]
-            if smooth:
-                bs, bsm = store_capped_sums(x[c0:c1], dst, m, 0, cap, w[c0:c1] if has_w else w)
-                s += bs
-                sm += bsm
-            else:
-                s += store_exp_sum_capped(x[c0:c1], dst, m, 0, cap)
-            if g.size > 0 and not direct:
-                copy_block(dst, g[c0:c1])
-        return s, sm
-    for j in range(x.size):
-        d = x[j] - m
-        g[j] = fast_exp(clamp if d > clamp else d)
     s = zero
-    for j in range(g.size):
-        s += g[j]
+    direct = g.size > 0 and far_apart(x, g)
+    for c0 in range(0, x.size, ebuf.size):  # one piece for a block
+        c1 = min(c0 + ebuf.size, x.size)
+        # (ebuf from 0: indexing it from an offset kept LLVM from vectorizing)
+        dst = g[c0:c1] if direct else ebuf[: c1 - c0]
+        if cap > zero and smooth:
+            bs, bsm = store_capped_sums(x[c0:c1], dst, m, 0, cap, w[c0:c1] if has_w else w)
+            s += bs
+            sm += bsm
+        elif cap > zero:
+            s += store_exp_sum_capped(x[c0:c1], dst, m, 0, cap)
+        else:
+            s += store_exp_sum(x[c0:c1], dst, m, 0)
+        if g.size > 0 and not direct:
+            copy_block(dst, g[c0:c1])
     return s, sm
 
 
@@ -372,13 +355,11 @@ def far_apart(x, g):
 
 
 @jit_serial
-def padded_ebuf(cap, like):
-    """The soft-capping scratch of ``block_store``: STATS_BLOCK entries of ``like``'s dtype (none
-    when ``cap`` is 0) that start FAR_BYTES into their allocation, so that every array
-    allocated before them ends at least that far before them: ``far_apart(x, ebuf)`` holds
-    for every ``x`` that does not overlap them."""
-    if cap <= 0:
-        return np.empty(0, like.dtype)
+def padded_ebuf(like):
+    """The scratch of ``block_store``: STATS_BLOCK entries of ``like``'s dtype that start
+    FAR_BYTES into their allocation, so that every array allocated before them ends at least
+    that far before them: ``far_apart(x, ebuf)`` holds for every ``x`` that does not overlap
+    them."""
     pad = FAR_BYTES // like.itemsize
     return np.empty(STATS_BLOCK + pad, like.dtype)[pad:]
 
@@ -425,7 +406,7 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
     writing while the exps are computed and are in cache when the final sweep writes them.
     Left to the sweep, which does little arithmetic an entry, those fetches stalled it:
     bfloat16 and float16 out of place 1.06-1.22x faster with rows of 32000-128256 (two
-    threads, in-process A/B). Longer rows are not claimed (``CLAIM_MAX_COLS``).
+    threads, in-process A/B) on one host, slower on another (``CLAIM_MIN_L2``).
     """
     zero = as_dtype_of(x, 0)
     inv_cap = as_dtype_of(x, 1) / cap if cap > zero else zero
@@ -580,7 +561,7 @@ def xent_row(
     elif store:
         m, s, sm = row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, want_grad)
     else:
-        m, s, sm = row_stats(x, cap, w, smooth)  # float rows, the loss alone
+        m, s, sm = row_stats(x, cap, w, smooth, ebuf)  # float rows, the loss alone
     if src16 is not None:
         xt = as_dtype_of(x, widen(src16[tgt], half))
     elif not in_place:
@@ -754,7 +735,7 @@ def xent_range(
     """
     want_grad = scale.size > 0
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, x.dtype)
-    ebuf = padded_ebuf(cap, block_m)
+    ebuf = padded_ebuf(block_m)
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
         gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
@@ -780,12 +761,50 @@ def xent_range(
 # out of place on two, docs/cpu.md).
 SCRATCH_RING_BYTES = 2 << 20
 
-# Out of place, the fused 16-bit pass zeroes each block of the output row as it goes, so that
-# the sweep finds its lines in cache (``row_stats_store``), when the row's float32 scratch and
-# 16-bit output (6 bytes an entry) fit in L2: at 128256 entries (770 KB) that was 1.06-1.17x
-# faster on two threads, at 256000 (1.5 MB) the zeroed lines were evicted before the sweep
-# and it was 0.85-1.00x (this project's VM, 1 MB of L2 per core).
-CLAIM_MAX_COLS = 1 << 17
+# Out of place, the fused 16-bit pass can zero each block of the output row as it goes (the
+# "claim", ``row_stats_store``), so that the sweep finds its lines in cache. Whether that pays
+# depends on the host, and only measurement told (two threads, in-process A/B, same bits):
+# - a Zen 4 host with 1 MB of L2 a core: 1.06-1.22x faster for rows whose float32 scratch and
+#   16-bit output (6 bytes an entry) fit in 3/4 of L2 (up to 128256 entries, 770 KB), and
+#   0.85-1.00x at 256000 (1.5 MB), whose zeroed lines left L2 before the sweep;
+# - a Zen 3 host with 512 KB of L2 a core: 0.84-0.91x at every row length from 32000 to
+#   128256, bfloat16 and float16, one thread and two (2026-11-27).
+# So rows are claimed where L2 is at least CLAIM_MIN_L2 and the row takes at most
+# CLAIM_L2_SHARE of it; where the L2 size is unknown, it is taken to be 1 MB (the rule of the
+# first host, where the claim was measured first).
+CLAIM_MIN_L2 = 1 << 20
+CLAIM_L2_SHARE = 0.75
+ASSUMED_L2 = 1 << 20
+
+
+@functools.cache
+def l2_cache_bytes() -> int | None:
+    """The level-2 cache of one core, in bytes, as Linux reports it for CPU 0; None elsewhere."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{index}/level") as f:
+                level = f.read().strip()
+            with open(f"{index}/type") as f:
+                kind = f.read().strip()
+            with open(f"{index}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data"):
+            try:
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+            except ValueError:
+                return None
+    return None
+
+
+def claims_output(n_cols: int, l2: int | None = None) -> bool:
+    """Whether the out-of-place 16-bit pass should claim output rows of ``n_cols`` entries on a
+    host with ``l2`` bytes of L2 a core (this host's by default); see CLAIM_MIN_L2."""
+    if l2 is None:
+        l2 = l2_cache_bytes() or ASSUMED_L2
+    return l2 >= CLAIM_MIN_L2 and 6 * n_cols <= CLAIM_L2_SHARE * l2
 
 
 def scratch_ring(n_cols: int) -> int:
@@ -813,6 +832,7 @@ def xent_range_16(
     half,
     ring,
     in_place,
+    claim,
     loss,
     lse,
 ):
@@ -823,15 +843,15 @@ def xent_range_16(
 
     The scratch row is a window that moves through a ring of ``ring`` rows (row ``i`` uses
     window ``i % ring``); see ``scratch_ring``. ``in_place`` says that ``g`` is ``x``; out of
-    place, the fused pass claims each output block ahead of the sweep (``row_stats_store``)
-    in rows of up to CLAIM_MAX_COLS logits.
+    place, ``claim`` says that the fused pass claims each output block ahead of the sweep
+    (``row_stats_store``; the caller decides by ``claims_output``).
     """
     want_grad = scale.size > 0
-    claim = not in_place and n_cols <= CLAIM_MAX_COLS
+    claim = claim and not in_place
     ring = max(1, min(ring, hi - lo)) if want_grad else 1  # the loss alone reads no scratch back
     ring_buf = np.empty(ring * n_cols, dtype=np.float32)
     block_m = np.empty((n_cols + STATS_BLOCK - 1) // STATS_BLOCK, np.float32)
-    ebuf = padded_ebuf(cap, block_m)
+    ebuf = padded_ebuf(block_m)
     for i in range(lo, hi):
         r0 = ((i - lo) % ring) * n_cols
         scratch = ring_buf[r0 : r0 + n_cols]
@@ -894,13 +914,14 @@ def write_normalized(x, out, m, s, mode):
 
 
 @jit_serial
-def normalize_row(x, out, in_place, mode):
-    """lse of one row; with ``mode`` also its softmax or log-softmax written to ``out``.
+def normalize_row(x, out, in_place, mode, ebuf):
+    """lse of one row; with ``mode`` also its softmax or log-softmax written to ``out``
+    (``ebuf``: ``padded_ebuf``'s scratch, for ``row_stats``).
 
     A row of all ``-inf`` has lse ``-inf`` and a row holding ``+inf`` has lse ``+inf``, as
     ``torch.logsumexp`` gives; their softmax is NaN, as ``torch.softmax`` gives.
     """
-    m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False)
+    m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False, ebuf)
     if in_place:
         write_normalized(out, out, m, s, mode)  # out is x: read through the writable name
     else:
@@ -912,19 +933,21 @@ def normalize_row(x, out, in_place, mode):
 def normalize_range(lo, hi, x, x_off, n_cols, mode, out, out_off, in_place, lse):
     """lse of rows ``lo:hi`` into ``lse``; for MODE_SOFTMAX / MODE_LOG_SOFTMAX also rows of
     ``out`` (``in_place``: ``out`` is ``x``)."""
+    ebuf = padded_ebuf(x)
     for i in range(lo, hi):
         xr = x[x_off[i] : x_off[i] + n_cols]
         outr = out[out_off[i] : out_off[i] + n_cols] if mode != MODE_LSE else out[:0]
-        lse[i] = normalize_row(xr, outr, in_place, mode)
+        lse[i] = normalize_row(xr, outr, in_place, mode, ebuf)
 
 
 @jit_serial
 def normalize_range_16(lo, hi, x, x_off, n_cols, mode, out, out_off, half, lse):
     """``normalize_range`` for 16-bit logits given as uint16 bits, through a float32 scratch row."""
     scratch = np.empty(n_cols, dtype=np.float32)
+    ebuf = padded_ebuf(scratch)
     for i in range(lo, hi):
         widen_row(x[x_off[i] : x_off[i] + n_cols], scratch, half)
-        lse[i] = normalize_row(scratch, scratch, True, mode)
+        lse[i] = normalize_row(scratch, scratch, True, mode, ebuf)
         if mode != MODE_LSE:
             narrow_row(scratch, out[out_off[i] : out_off[i] + n_cols], half)
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._cpu import row_stats, skip_value, write_grad
+from ._cpu import padded_ebuf, row_stats, skip_value, write_grad
 from ._jit import as_dtype_of, fast_tanh, jit_kernel, jit_serial
+
+ROWS_PER_TASK = 8
 
 
 @jit_kernel
@@ -43,27 +45,34 @@ def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, w
     one = as_dtype_of(m, 1)
     has_t = targets.size > 0
     has_w = w.size > 0
-    for i in numba.prange(m.size):
-        xr = x[x_off[i] : x_off[i] + n_cols]
-        mi, si, smi = row_stats(xr, cap, w, smooth)
-        if mi == -np.inf:
-            si = zero
-            smi = zero
-        m[i] = mi
-        s[i] = si
-        sm[i] = smi
-        if not has_t:
-            continue
-        j = targets[i] - col0
-        if 0 <= j < n_cols:
-            v = xr[j]
-            if cap > zero:
-                v = cap * fast_tanh(v * (one / cap))
-            xt[i] = v
-            wt[i] = w[j] if has_w else one
-        else:
-            xt[i] = zero
-            wt[i] = zero
+    # rows in ranges of ROWS_PER_TASK, each with one scratch for ``row_stats`` (the thread
+    # count is not asked for here: a jitted call to it keeps Numba from caching the kernel)
+    n_rows = m.size
+    per_task = ROWS_PER_TASK
+    tasks = (n_rows + per_task - 1) // per_task
+    for task in numba.prange(tasks):
+        ebuf = padded_ebuf(x)
+        for i in range(task * per_task, min(n_rows, (task + 1) * per_task)):
+            xr = x[x_off[i] : x_off[i] + n_cols]
+            mi, si, smi = row_stats(xr, cap, w, smooth, ebuf)
+            if mi == -np.inf:
+                si = zero
+                smi = zero
+            m[i] = mi
+            s[i] = si
+            sm[i] = smi
+            if not has_t:
+                continue
+            j = targets[i] - col0
+            if 0 <= j < n_cols:
+                v = xr[j]
+                if cap > zero:
+                    v = cap * fast_tanh(v * (one / cap))
+                xt[i] = v
+                wt[i] = w[j] if has_w else one
+            else:
+                xt[i] = zero
+                wt[i] = zero
 
 
 @jit_serial

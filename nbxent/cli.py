@@ -90,29 +90,12 @@ def cpu_description() -> str:
     parts.append(name)
     parts.append(f"LLVM target {ll.get_host_cpu_name()}")
     parts.append(_vector_isa(dict(ll.get_host_cpu_features())))
-    l2 = _l2_per_core()
+    from ._cpu import l2_cache_bytes
+
+    l2 = l2_cache_bytes()
     if l2:
-        parts.append(f"L2 {l2} per core")
+        parts.append(f"L2 {l2 >> 20} MB per core" if l2 % (1 << 20) == 0 else f"L2 {l2 >> 10} KB per core")
     return ", ".join(parts)
-
-
-def _l2_per_core() -> str | None:
-    """The level-2 data or unified cache of CPU 0, as Linux sysfs gives it (``512K``), or None."""
-    import glob
-
-    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
-        try:
-            with open(f"{index}/level") as f:
-                level = f.read().strip()
-            with open(f"{index}/type") as f:
-                kind = f.read().strip()
-            with open(f"{index}/size") as f:
-                size = f.read().strip()
-        except OSError:
-            continue
-        if level == "2" and kind in ("Unified", "Data"):
-            return size
-    return None
 
 
 def info() -> str:

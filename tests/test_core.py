@@ -175,14 +175,23 @@ def test_in_place_gradient_equals_out_of_place(dtype):
     assert not np.array_equal(original.view(np.uint8), logits.view(np.uint8))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_out_of_place_gradient_over_blocks_equals_in_place(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "claim"),
+    [(np.float32, None), (np.float64, None)]
+    + [(d, c) for d in (np.float16, ml_dtypes.bfloat16) for c in (True, False)],
+    ids=lambda v: np.dtype(v).name if isinstance(v, type) else {True: "claim", False: "no-claim", None: ""}[v],
+)
+def test_out_of_place_gradient_over_blocks_equals_in_place(dtype, claim, monkeypatch):
     """Rows of several blocks through the pass that stores exps (soft-capped ones too, times
-    the cap's derivative; 16-bit, it zeroes each block of a separate ``out`` ahead of the
-    sweep): a leading masked block, blocks summed again (capped at 30 too), an ignored row.
-    Every entry of an ``out`` full of NaN is written, with the bits of the in-place gradient,
-    and both match the reference."""
+    the cap's derivative): a leading masked block, blocks summed again (capped at 30 too), an
+    ignored row. Every entry of an ``out`` full of NaN is written, with the bits of the
+    in-place gradient, and both match the reference. 16-bit, out of place, both ways of the
+    host-dependent choice run: the pass zeroing each block of ``out`` ahead of the sweep
+    (the claim) or not (``_cpu.claims_output``)."""
     from nbxent import _cpu
+
+    if claim is not None:
+        monkeypatch.setattr(_cpu, "claims_output", lambda n_cols, l2=None: claim)
 
     rng = np.random.default_rng()
     n = 2 * _cpu.STATS_BLOCK + 37
@@ -595,11 +604,13 @@ def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
     rows, first_m, ref_max = rows_around_the_clamp(np.random.default_rng())
     none = np.empty(0, np.float32)
     for r, row in enumerate(rows):
-        m, s, _ = _cpu.row_stats(row, np.float32(0), none, False)
+        m, s, _ = _cpu.row_stats(row, np.float32(0), none, False, _cpu.padded_ebuf(row))
         assert m == ref_max[r], r
         block_m = np.empty(-(-row.size // _cpu.STATS_BLOCK), np.float32)
         g = np.empty_like(row)
-        m2, s2, _ = _cpu.row_stats_store(row, g, False, none, False, np.float32(0), none, block_m, None, 0, True)
+        m2, s2, _ = _cpu.row_stats_store(
+            row, g, False, none, False, np.float32(0), _cpu.padded_ebuf(row), block_m, None, 0, True
+        )
         assert (m2, s2) == (m, s), r
         assert block_m[0] == first_m[r] and block_m[-1] == m, r
         x64 = row.astype(np.float64)
@@ -669,8 +680,9 @@ def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
     ``g`` lies relative to ``x``. Small arrays allocated one after another often lie side by
     side; a loop that stored into ``g`` while summing was vectorized behind a run-time distance
     check whose scalar fallback summed in another order (5217 of 20000 such calls differed;
-    concurrent Dask blocks gave rows a few ulp apart). 16-bit blocks are widened in the
-    store loop."""
+    concurrent Dask blocks gave rows a few ulp apart). Float blocks store into ``g`` only where
+    it is far from ``x`` (``_cpu.far_apart``), else into the padded ``ebuf``; 16-bit blocks are
+    widened in the store loop, into a float32 ``g`` that is never their memory."""
     from nbxent import _cpu
 
     rng = np.random.default_rng()
@@ -687,7 +699,7 @@ def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
         if half:
             s, sm = _cpu.block_store16(x, g, m, w, smooth, half, np.float32(0))
         else:
-            s, sm = _cpu.block_store(x, g, m, w, smooth, np.float32(0), w[:0])
+            s, sm = _cpu.block_store(x, g, m, w, smooth, np.float32(0), _cpu.padded_ebuf(g))
         return s, sm, g
 
     want = [block(r) for r in range(23)]
@@ -716,13 +728,13 @@ def test_capped_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, dtype):
     far = np.empty(1 << 16, dtype)
     side_by_side = np.empty(2 * n, dtype)  # g right after x: 37 entries apart
     assert not _cpu.far_apart(side_by_side[:n], side_by_side[n:])
-    assert _cpu.far_apart(side_by_side[:n], far[-n:]) and _cpu.far_apart(side_by_side[:n], _cpu.padded_ebuf(cap, far))
+    assert _cpu.far_apart(side_by_side[:n], far[-n:]) and _cpu.far_apart(side_by_side[:n], _cpu.padded_ebuf(far))
 
     def block(r, where):
         x = side_by_side[:n]
         x[:] = rows[r]
         g = {"after": side_by_side[n:], "far": far[-n:], "same": x, "none": far[:0]}[where]
-        s, sm = _cpu.block_store(x, g, m, w, smooth, cap, _cpu.padded_ebuf(cap, far))
+        s, sm = _cpu.block_store(x, g, m, w, smooth, cap, _cpu.padded_ebuf(far))
         return s, sm, g.copy()
 
     want = [block(r, "far") for r in range(23)]
