@@ -23,7 +23,7 @@ import numpy as np
 from ._cpu import padded_ebuf, row_stats, skip_value, write_grad
 from ._jit import as_dtype_of, fast_tanh, jit_kernel, jit_serial
 
-ROWS_PER_TASK = 8
+MAX_TASKS = 256
 
 
 @jit_kernel
@@ -45,11 +45,13 @@ def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, w
     one = as_dtype_of(m, 1)
     has_t = targets.size > 0
     has_w = w.size > 0
-    # rows in ranges of ROWS_PER_TASK, each with one scratch for ``row_stats`` (the thread
-    # count is not asked for here: a jitted call to it keeps Numba from caching the kernel)
+    # rows in up to MAX_TASKS contiguous ranges, each with one scratch for ``row_stats`` (the
+    # thread count is not asked for here: a jitted call to it keeps Numba from caching the
+    # kernel; MAX_TASKS ranges keep many threads busy, and each range's scratch is one
+    # allocation however many rows it has)
     n_rows = m.size
-    per_task = ROWS_PER_TASK
-    tasks = (n_rows + per_task - 1) // per_task
+    tasks = min(n_rows, MAX_TASKS)
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
     for task in numba.prange(tasks):
         ebuf = padded_ebuf(x)
         for i in range(task * per_task, min(n_rows, (task + 1) * per_task)):
