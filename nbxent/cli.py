@@ -89,7 +89,11 @@ def cpu_description() -> str:
         name += f" (x86 family {fields['cpu family']} model {fields['model']})"
     parts.append(name)
     parts.append(f"LLVM target {ll.get_host_cpu_name()}")
-    parts.append(_vector_isa(dict(ll.get_host_cpu_features())))
+    try:  # llvmlite raises where it cannot read the host's features
+        features = dict(ll.get_host_cpu_features())
+    except RuntimeError:
+        features = {}
+    parts.append(_vector_isa(features) if features else "vector ISA unknown")
     from ._cpu import l2_cache_bytes
 
     l2 = l2_cache_bytes()

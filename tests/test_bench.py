@@ -129,3 +129,14 @@ def test_l2_size_and_the_claim_rule():
     # 512 KB: never (slower at every row length measured)
     assert not _cpu.claims_output(32000, 512 << 10)
     assert _cpu.claims_output(200000, 2 << 20) and not _cpu.claims_output(300000, 2 << 20)
+
+
+def test_cpu_description_survives_unknown_features(monkeypatch):
+    import llvmlite.binding as ll
+
+    def refuse():
+        raise RuntimeError("failed to get host cpu features")
+
+    monkeypatch.setattr(ll, "get_host_cpu_features", refuse)
+    line = cli.cpu_description()
+    assert "vector ISA unknown" in line and f"LLVM target {ll.get_host_cpu_name()}" in line
