@@ -418,9 +418,8 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
     sm = zero
     seen = zero
     live = -1  # start of the first block whose max is above -inf (see row_stats)
+    # in place, and for the 16-bit loss alone, each block's exps go to ebuf (the L1 buffer)
     buffered = in_place if src16 is None else not keep
-    if buffered:
-        buf = np.empty(STATS_BLOCK, g.dtype)
     for lo in range(0, n, STATS_BLOCK):
         hi = min(lo + STATS_BLOCK, n)
         if live < 0:  # the reference max from the first block above -inf (row_stats step 1)
@@ -435,7 +434,7 @@ def row_stats_store(x, g, in_place, w, smooth, cap, ebuf, block_m, src16, half, 
                     widen_row(src16[lo:hi], g[lo:hi], half)
                 continue
         wb = w[lo:hi] if has_w else w
-        gb = buf[: hi - lo] if buffered else g[lo:hi]
+        gb = ebuf[: hi - lo] if buffered else g[lo:hi]
         if src16 is not None:
             if claim is not None:
                 zero_block(claim[lo:hi])
