@@ -776,10 +776,18 @@ CLAIM_L2_SHARE = 0.75
 ASSUMED_L2 = 1 << 20
 
 
+def cache_size_bytes(text: str) -> int | None:
+    """A cache size as Linux sysfs writes it (``512K``, ``1M``, ``1048576``) in bytes; None for
+    anything else."""
+    text = text.strip()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    return int(digits) * scale if digits.isdigit() else None
+
+
 @functools.cache
 def l2_cache_bytes() -> int | None:
     """The level-2 cache of one core, in bytes, as Linux reports it for CPU 0; None elsewhere."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
         try:
             with open(f"{index}/level") as f:
@@ -791,10 +799,7 @@ def l2_cache_bytes() -> int | None:
         except OSError:
             continue
         if level == "2" and kind in ("Unified", "Data"):
-            try:
-                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-            except ValueError:
-                return None
+            return cache_size_bytes(size)
     return None
 
 

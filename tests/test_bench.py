@@ -123,6 +123,11 @@ def test_l2_size_and_the_claim_rule():
 
     l2 = _cpu.l2_cache_bytes()
     assert l2 is None or l2 >= 1 << 14
+    sizes = {"512K": 512 << 10, "1M": 1 << 20, "2048k": 2 << 20, "1048576": 1 << 20, " 1M\n": 1 << 20}
+    for text, size in sizes.items():
+        assert _cpu.cache_size_bytes(text) == size, text
+    for text in ("", "K", "1.5M", "-1K", "big"):
+        assert _cpu.cache_size_bytes(text) is None, text
     # 1 MB of L2: rows up to 2**17 entries claimed, as measured on that host
     assert _cpu.claims_output(1 << 17, 1 << 20) and not _cpu.claims_output((1 << 17) + 1, 1 << 20)
     assert not _cpu.claims_output(256000, 1 << 20)
