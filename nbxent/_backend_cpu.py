@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _checks, _cpu
+from . import _checks, _cpu, _cpu_split
 from ._cpu import HALF_BF16, HALF_F16, MODE_LSE
 
 _LOCK = threading.Lock()
@@ -53,6 +53,17 @@ def run_rows(kernel, range_fn, n_rows: int, n_cols: int, *args) -> None:
         range_fn(0, n_rows, *args)
     else:
         launch(kernel, min(n_rows, 4 * threads), n_rows, *args)
+
+
+def split_parts(n_rows: int, n_cols: int) -> int:
+    """Into how many parts each row's vocabulary is split (``_cpu_split``), 1 for none: rows
+    fewer than threads, each of more than one block of ``_cpu.STATS_BLOCK``, and enough work to
+    wake the threads for. About 4 parts a thread, for balance. The split changes no bit."""
+    threads = numba.get_num_threads()
+    n_blocks = -(-n_cols // _cpu.STATS_BLOCK)
+    if n_rows >= threads or n_blocks < 2 or n_rows * n_cols < SERIAL_BELOW:
+        return 1
+    return min(n_blocks, -(-4 * threads // max(n_rows, 1)))
 
 
 def acc_dtype(dtype: np.dtype) -> type:
@@ -209,6 +220,8 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
         claim = grad and not in_place and _cpu.claims_output(n_cols)
         args = (*common, half, ring, in_place, claim, loss_rows, lse)
         run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *args)
+    elif not in_place and (parts := split_parts(n_rows, n_cols)) > 1:
+        launch(_cpu_split.xent_split, parts, *common, loss_rows, lse)
     else:
         run_rows(_cpu.xent_rows, _cpu.xent_range, n_rows, n_cols, *common, in_place, loss_rows, lse)
     if copy_back is not None:
@@ -250,7 +263,10 @@ def normalize(logits, mode: int, out, *, stream):
         run_rows(_cpu.normalize_rows_16, _cpu.normalize_range_16, lse.size, n_cols, *common, half, lse)
     else:
         in_place = mode != MODE_LSE and _address(o_buf) == _address(x_buf) and np.array_equal(o_off, x_off)
-        run_rows(_cpu.normalize_rows, _cpu.normalize_range, lse.size, n_cols, *common, in_place, lse)
+        if (parts := split_parts(lse.size, n_cols)) > 1:
+            launch(_cpu_split.normalize_split, parts, *common, in_place, lse)
+        else:
+            run_rows(_cpu.normalize_rows, _cpu.normalize_range, lse.size, n_cols, *common, in_place, lse)
     if mode == MODE_LSE:
         return lse.reshape(logits.shape[:-1])
     if copy_back is not None:

@@ -511,6 +511,38 @@ def narrow_value(v, half):
 
 
 @jit_serial
+def row_loss(x, m, s, sm, xt, wt, w_sum, eps, z):
+    """``(loss, lse)`` of a row of ``x``'s dtype and length from its statistics (``row_stats``:
+    reference max ``m``, ``s``, ``sm``), the target's (capped) logit ``xt`` and weight ``wt``,
+    as ``xent_row`` derives it; lse - xc_t is taken as log s + (m - xc_t), so that a large
+    common offset does not cancel."""
+    zero = as_dtype_of(x, 0)
+    one = as_dtype_of(x, 1)
+    n = as_dtype_of(x, x.size)
+    log_s = math.log(s)
+    lse = m + log_s
+    loss = (one - eps) * wt * (log_s + (m - xt))
+    if eps > zero:
+        loss += eps / n * (w_sum * log_s + sm)
+    if z > zero:
+        loss += z * wt * lse * lse
+    return loss, lse
+
+
+@jit_serial
+def grad_factors(x, s, lse, wt, w_sum, eps, z, scale):
+    """The factors ``(a, b)`` of a row's gradient ``g_j = a exp(xc_j - m) - b w_j`` (before the
+    target's term and the cap's derivative; see ``xent_row``). p_j = exp(xc_j - m) / s rather
+    than exp(xc_j - lse): xc_j - m is exact, while lse rounded at a large offset (1e4) would
+    cost p_j 3 digits. The 1 / s goes into ``a``."""
+    one = as_dtype_of(x, 1)
+    n = as_dtype_of(x, x.size)
+    a = scale * ((one - eps) * wt + eps * w_sum / n + as_dtype_of(x, 2) * z * wt * lse) / s
+    b = scale * eps / n
+    return a, b
+
+
+@jit_serial
 def xent_row(
     x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block_m, ebuf, src16, narrow_to, half, claim=False
 ):
@@ -541,7 +573,6 @@ def xent_row(
     """
     zero = as_dtype_of(x, 0)
     one = as_dtype_of(x, 1)
-    n = as_dtype_of(x, x.size)
     capped = cap > zero
     inv_cap = one / cap if capped else zero
     # The target's logit, read after the pass over the row unless the pass overwrites it (in
@@ -565,25 +596,16 @@ def xent_row(
         xt = as_dtype_of(x, widen(src16[tgt], half))
     elif not in_place:
         xt = x[tgt]
-    log_s = math.log(s)
-    lse = m + log_s
     if capped:
         xt = cap * fast_tanh(xt * inv_cap)
     has_w = w.size > 0
     wt = w[tgt] if has_w else one
-    # 1. The loss, with lse - xc_t = log s + (m - xc_t) to keep offsets from cancelling.
-    loss = (one - eps) * wt * (log_s + (m - xt))
-    if eps > zero:
-        loss += eps / n * (w_sum * log_s + sm)
-    if z > zero:
-        loss += z * wt * lse * lse
+    # 1. The loss.
+    loss, lse = row_loss(x, m, s, sm, xt, wt, w_sum, eps, z)
     if not want_grad:
         return loss, lse
-    # 2. The gradient, one sweep that writes each entry once. p_j = exp(xc_j - m) / s rather
-    #    than exp(xc_j - lse): xc_j - m is exact, while lse rounded at a large offset (1e4)
-    #    would cost p_j 3 digits. The 1 / s goes into the factor ``a``.
-    a = scale * ((one - eps) * wt + eps * w_sum / n + as_dtype_of(x, 2) * z * wt * lse) / s
-    b = scale * eps / n
+    # 2. The gradient, one sweep that writes each entry once (factors: ``grad_factors``).
+    a, b = grad_factors(x, s, lse, wt, w_sum, eps, z, scale)
     if store and capped and smooth:  # g holds the capped logits: one exp an entry, no tanh
         if narrow_to is not None:
             for lo in range(0, x.size, STATS_BLOCK):

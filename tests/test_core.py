@@ -493,6 +493,95 @@ def test_bitwise_identical_across_thread_counts_and_runs():
     assert all(r == results[0] for r in results)
 
 
+def assert_same_bits(got, want, msg=""):
+    """Bitwise equal; float64 to 2 ulp, for the reason ``assert_same_loss`` gives."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype == np.float64:
+        assert_same_loss(got, want, msg)
+    else:
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=msg)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
+    """Calls with fewer rows than threads split each row's blocks among threads
+    (``_cpu_split``): loss alone, fused out of place, in place (which is not split),
+    logsumexp, softmax and log-softmax (in place too) give the bits of one thread a row, for
+    any number of parts (more parts than blocks included), every option, and the rows that
+    fall back to one thread (a reference max raised, masked leading blocks, NaN, +inf)."""
+    from nbxent import _backend_cpu
+    from nbxent._cpu import EXP_CLAMP, STATS_BLOCK
+
+    rng = np.random.default_rng()
+    rows, _, _ = rows_around_the_clamp(rng)  # rows 1-5 are summed again: one thread each
+    n = rows.shape[1]
+    plain = (rng.standard_normal((40, n)) * 3).astype(np.float32)  # many rows: the order of a sum shows
+    plain[1, : STATS_BLOCK + 3] = -np.inf  # no reference max in the first block
+    plain[2, 3] = plain[2].max() + EXP_CLAMP - 1  # the first block's max after its first logits
+    plain[3, -2] = np.nan
+    plain[4, -2] = np.inf
+    x = np.concatenate([rows, plain]).astype(dtype)
+    t = rng.integers(0, n, x.shape[0])
+    t[0] = -100  # ignored
+    t[6] = STATS_BLOCK  # the first entry of a block
+    option_sets = [
+        {},
+        {"label_smoothing": 0.1},
+        {"softcap": 20.0},
+        {"softcap": 20.0, "label_smoothing": 0.1},
+        {"weight": rng.uniform(0.2, 2.0, n), "label_smoothing": 0.2, "z_loss": 1e-3},
+    ]
+
+    def results(opts):
+        out = [nx.cross_entropy(x, t, reduction="none", **opts)]
+        out += nx.cross_entropy_with_grad(x, t, reduction="none", grad_output=rng.uniform(0.5, 2, t.size), **opts)
+        work = x.copy()
+        out += nx.cross_entropy_with_grad(work, t, reduction="none", out=work, **opts)
+        return out
+
+    def normalized():
+        out = [nx.logsumexp(x), nx.softmax(x), nx.log_softmax(x)]
+        for f in (nx.softmax, nx.log_softmax):
+            work = x.copy()
+            out.append(f(work, out=work))
+        return out
+
+    for opts in option_sets:
+        seed = rng.integers(2**32)
+        monkeypatch.setattr(_backend_cpu, "split_parts", lambda n_rows, n_cols: 1)
+        rng = np.random.default_rng(seed)  # the same grad_output
+        want = results(opts) + normalized()
+        for parts in (2, 3, 64):
+            monkeypatch.setattr(_backend_cpu, "split_parts", lambda n_rows, n_cols, parts=parts: parts)
+            rng = np.random.default_rng(seed)
+            with np.errstate(invalid="ignore"):
+                got = results(opts) + normalized()
+            for k, (a, b) in enumerate(zip(got, want, strict=True)):
+                assert_same_bits(a, b, f"{opts} parts={parts} result {k}")
+        check(x[[0, 5, 6]], t[[0, 5, 6]], reduction="none", **opts)  # split, against the reference
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "n_cols", "threads", "parts"),
+    [
+        (1, 256000, 2, 8),
+        (1, 256000, 1, 1),
+        (2, 256000, 2, 1),
+        (3, 128256, 16, 22),
+        (1, 2048, 8, 1),
+        (1, 4097, 64, 1),
+        (1, 70000, 64, 35),
+    ],
+)
+def test_split_parts(n_rows, n_cols, threads, parts, monkeypatch):
+    """Rows are split where they are fewer than threads and longer than one block, in about
+    4 parts a thread, at most one a block; small calls are not split."""
+    from nbxent import _backend_cpu
+
+    monkeypatch.setattr(_backend_cpu.numba, "get_num_threads", lambda: threads)
+    assert _backend_cpu.split_parts(n_rows, n_cols) == parts
+
+
 def test_concurrent_calls_from_python_threads():
     rng = np.random.default_rng()
     cases = [make_case(rng, (16, 2000 + i), np.float32) for i in range(6)]

@@ -1,0 +1,203 @@
+"""Numba CPU kernel for calls with fewer rows than threads: each row's vocabulary is split
+among threads, and the results are bitwise those of ``_cpu.xent_range`` (float32 and float64
+logits; the loss alone and the out-of-place gradient).
+
+``_cpu.row_stats`` sums a row block by block against one reference max ``m0`` (taken from
+the row's first logits) and raises it only where a block's sum reaches ``RESUM_AT``; where
+no block does, every block's sums depend on that block and ``m0`` alone, and the row's sums
+are those block sums added in block order. So:
+
+1. every thread takes a range of blocks of a row and computes their sums (``block_store``,
+   the loop of the one-thread pass, storing the exps where the gradient goes);
+2. per row, the block sums are added in block order, which gives the one-thread pass's ``s``
+   and ``sm`` to the bit, then its loss and gradient factors. A row where a block reached
+   ``RESUM_AT``, or whose first block gives no finite reference max (masked leading
+   vocabulary, NaN, +inf), is done again by ``_cpu.xent_row`` on one thread, as in memory;
+3. every thread rescales its blocks into the gradient and, where it holds the target, adds
+   the target's term.
+
+In place, a block's exps overwrite its logits as soon as they are summed, and step 2's
+fall-back could not read them again: in-place calls keep one thread a row (``_backend_cpu``),
+as do 16-bit logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from ._cpu import (
+    MODE_LSE,
+    RESUM_AT,
+    STATS_BLOCK,
+    block_store,
+    cap_max,
+    first_max,
+    grad_factors,
+    normalize_row,
+    padded_ebuf,
+    rescale_grad,
+    row_loss,
+    skip_value,
+    write_capped_grad,
+    write_normalized,
+    xent_row,
+)
+from ._jit import as_dtype_of, fast_tanh, jit_kernel
+
+# Row states after step 2 (``state``): split (step 3 writes the gradient), done (ignored or
+# bad target, or the one-thread fall-back: nothing left to do).
+SPLIT, DONE = 0, 1
+
+
+@jit_kernel
+def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, loss, lse):
+    """``_cpu.xent_range(0, n_rows, ...)`` (same arguments, out of place) with each row's
+    blocks in ``parts`` contiguous ranges, one task each, over all threads."""
+    zero = as_dtype_of(x, 0)
+    one = as_dtype_of(x, 1)
+    capped = cap > zero
+    inv_cap = one / cap if capped else zero
+    smooth = eps > zero
+    has_w = w.size > 0
+    want_grad = scale.size > 0
+    big = as_dtype_of(x, RESUM_AT)
+    n_rows = targets.size
+    n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
+    per_part = (n_blocks + parts - 1) // parts
+    # 0. Each row's reference max, as ``row_stats`` takes it from the row's first block; a row
+    #    without a finite one, and an ignored row, is left to step 2.
+    m0 = np.empty(n_rows, x.dtype)
+    state = np.empty(n_rows, np.int64)
+    for i in range(n_rows):
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        m0[i] = cap_max(first_max(xr[: min(STATS_BLOCK, n_cols)], None, 0), cap, inv_cap)
+        state[i] = SPLIT if skip_value(targets[i], ignore_index, n_cols) == -1.0 else DONE
+    # 1. The block sums, every block against its row's m0 (``row_stats`` step 2).
+    bs = np.zeros((n_rows, n_blocks), x.dtype)
+    bsm = np.zeros((n_rows, n_blocks), x.dtype)
+    for task in numba.prange(n_rows * parts):
+        i = task // parts
+        if state[i] != SPLIT or not math.isfinite(m0[i]):
+            continue
+        ebuf = padded_ebuf(x)
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else ebuf[:0]
+        for k in range((task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)):
+            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+            gb = gr[lo:hi] if want_grad else gr
+            bs[i, k], bsm[i, k] = block_store(xr[lo:hi], gb, m0[i], w[lo:hi] if has_w else w, smooth, cap, ebuf)
+    # 2. Per row: its sums in block order, its loss and gradient factors; or the whole row on
+    #    one thread where the one-thread pass would have raised its reference max. (A serial
+    #    loop: a few rows of little work, not worth waking the threads once more.)
+    a = np.empty(n_rows, x.dtype)
+    b = np.empty(n_rows, x.dtype)
+    xt = np.empty(n_rows, x.dtype)
+    for i in range(n_rows):
+        tgt = targets[i]
+        fill = skip_value(tgt, ignore_index, n_cols)
+        if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
+            loss[i] = fill
+            lse[i] = fill
+            if want_grad:
+                g[g_off[i] : g_off[i] + n_cols] = fill
+            continue
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        row_scale = scale[i] if want_grad else zero
+        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):
+            state[i] = DONE
+            block_m = np.empty(n_blocks, x.dtype)
+            gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
+            loss[i], lse[i] = xent_row(
+                xr, gr, False, tgt, w, w_sum, cap, eps, z, row_scale, want_grad, block_m, padded_ebuf(x), None, None, 0
+            )
+            continue
+        s = zero
+        sm = zero
+        for k in range(n_blocks):
+            s += bs[i, k]
+            sm += bsm[i, k]
+        v = xr[tgt]
+        xt[i] = cap * fast_tanh(v * inv_cap) if capped else v
+        wt = w[tgt] if has_w else one
+        loss[i], lse[i] = row_loss(xr, m0[i], s, sm, xt[i], wt, w_sum, eps, z)
+        if want_grad:
+            a[i], b[i] = grad_factors(xr, s, lse[i], wt, w_sum, eps, z, row_scale)
+    if not want_grad:
+        return
+    # 3. The gradient sweep of ``xent_row`` over each task's blocks (every block was summed
+    #    against m0, so none is rescaled), then the target's own term where it lies.
+    for task in numba.prange(n_rows * parts):
+        i = task // parts
+        if state[i] != SPLIT:
+            continue
+        gr = g[g_off[i] : g_off[i] + n_cols]
+        k0, k1 = (task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)
+        for k in range(k0, k1):
+            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+            wb = w[lo:hi] if has_w else w
+            if capped and smooth:  # g holds the capped logits (``block_store``)
+                write_capped_grad(gr[lo:hi], m0[i], a[i], b[i], wb, inv_cap)
+            else:
+                rescale_grad(gr[lo:hi], a[i], b[i], wb)
+        tgt = targets[i]
+        if k0 * STATS_BLOCK <= tgt < min(k1 * STATS_BLOCK, n_cols):
+            d_t = one
+            if capped:
+                r = xt[i] * inv_cap
+                d_t = one - r * r
+            wt = w[tgt] if has_w else one
+            gr[tgt] -= scale[i] * (one - eps) * wt * d_t
+
+
+@jit_kernel
+def normalize_split(parts, x, x_off, n_cols, mode, out, out_off, in_place, lse):
+    """``_cpu.normalize_range(0, n_rows, ...)`` (same arguments) with each row's blocks in
+    ``parts`` ranges over all threads: steps 1 and 2 of ``xent_split`` give the lse, and the
+    softmax or log-softmax is written block by block. In place too: the sums store nothing."""
+    zero = as_dtype_of(x, 0)
+    big = as_dtype_of(x, RESUM_AT)
+    n_rows = lse.size
+    n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
+    per_part = (n_blocks + parts - 1) // parts
+    m0 = np.empty(n_rows, x.dtype)
+    for i in range(n_rows):
+        m0[i] = first_max(x[x_off[i] : x_off[i] + min(STATS_BLOCK, n_cols)], None, 0)
+    bs = np.zeros((n_rows, n_blocks), x.dtype)
+    for task in numba.prange(n_rows * parts):
+        i = task // parts
+        if not math.isfinite(m0[i]):
+            continue
+        ebuf = padded_ebuf(x)
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        for k in range((task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)):
+            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+            bs[i, k], _ = block_store(xr[lo:hi], ebuf[:0], m0[i], ebuf[:0], False, zero, ebuf)
+    s = np.zeros(n_rows, x.dtype)
+    split = np.ones(n_rows, np.bool_)
+    for i in range(n_rows):
+        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):  # one thread, as in memory
+            split[i] = False
+            outr = out[out_off[i] : out_off[i] + n_cols] if mode != MODE_LSE else out[:0]
+            lse[i] = normalize_row(x[x_off[i] : x_off[i] + n_cols], outr, in_place, mode, padded_ebuf(x))
+            continue
+        for k in range(n_blocks):
+            s[i] += bs[i, k]
+        lse[i] = m0[i] + math.log(s[i])  # m0 is finite
+    if mode == MODE_LSE:
+        return
+    for task in numba.prange(n_rows * parts):
+        i = task // parts
+        if not split[i]:
+            continue
+        k0, k1 = (task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)
+        lo, hi = k0 * STATS_BLOCK, min(k1 * STATS_BLOCK, n_cols)
+        if lo >= hi:
+            continue
+        outb = out[out_off[i] + lo : out_off[i] + hi]
+        if in_place:
+            write_normalized(outb, outb, m0[i], s[i], mode)  # out is x: read through the writable name
+        else:
+            write_normalized(x[x_off[i] + lo : x_off[i] + hi], outb, m0[i], s[i], mode)
