@@ -48,20 +48,24 @@ SERIAL_BELOW = 1 << 16
 def run_rows(kernel, range_fn, n_rows: int, n_cols: int, *args) -> None:
     """Run ``range_fn(lo, hi, *args)`` over rows ``0:n_rows``: directly for small inputs, else
     through the parallel ``kernel`` with a few row ranges per thread."""
-    threads = numba.get_num_threads()
-    if n_rows * n_cols < SERIAL_BELOW or n_rows == 1 or threads == 1:
+    if n_rows * n_cols < SERIAL_BELOW or n_rows == 1 or (threads := numba.get_num_threads()) == 1:
         range_fn(0, n_rows, *args)
     else:
         launch(kernel, min(n_rows, 4 * threads), n_rows, *args)
+
+
+# Below this many logits, splitting rows among threads (``split_parts``) did not pay: one row
+# of 65536 float32 logits 0.92-0.99x, 128256 0.99-1.06x, 256000 1.06-1.17x and 1024000
+# 1.26-1.51x (two threads against one a row, the Zen 3 VM of docs/cpu.md).
+SPLIT_BELOW = 1 << 17
 
 
 def split_parts(n_rows: int, n_cols: int) -> int:
     """Into how many parts each row's vocabulary is split (``_cpu_split``), 1 for none: rows
     fewer than threads, each of more than one block of ``_cpu.STATS_BLOCK``, and enough work to
     wake the threads for. About 4 parts a thread, for balance. The split changes no bit."""
-    threads = numba.get_num_threads()
     n_blocks = -(-n_cols // _cpu.STATS_BLOCK)
-    if n_rows >= threads or n_blocks < 2 or n_rows * n_cols < SERIAL_BELOW:
+    if n_rows * n_cols < SPLIT_BELOW or n_blocks < 2 or n_rows >= (threads := numba.get_num_threads()):
         return 1
     return min(n_blocks, -(-4 * threads // max(n_rows, 1)))
 
@@ -119,28 +123,34 @@ def _rows_of(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return view if view is not None else row_view(np.ascontiguousarray(a))
 
 
-def _output(out: np.ndarray | None, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Where a kernel writes an N x V result: ``(target array, buf, off, copy-back array)``.
+def _output(out: np.ndarray | None, logits: np.ndarray):
+    """Where a kernel writes an N x V result: ``(target array, buf, off, copy-back array,
+    in place)``.
 
-    ``out`` may be ``logits`` itself (in place). When ``out`` has a layout the kernels cannot
-    address, they write to a temporary that is copied into ``out`` afterwards.
+    ``out`` may be ``logits`` itself (in place: then ``buf, off`` are the logits' own row
+    view). When ``out`` has a layout the kernels cannot address, they write to a temporary
+    that is copied into ``out`` afterwards.
     """
     if out is None:
         out = np.empty(logits.shape, dtype=logits.dtype)
+        buf, off = row_view(out)
+        return out, buf, off, None, False
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array for NumPy logits, got {type(out).__name__}")
     _checks.check_out(out.shape, out.dtype, logits.shape, logits.dtype)
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
-    same = _address(out) == _address(logits) and out.strides == logits.strides
-    if not same and np.may_share_memory(out, logits) and np.shares_memory(out, logits):
-        raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
+    same = False
+    if np.may_share_memory(out, logits):  # cheap, and False for a separate array
+        same = _address(out) == _address(logits) and out.strides == logits.strides
+        if not same and np.shares_memory(out, logits):
+            raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
     view = row_view(out)
     if view is None:
         tmp = np.empty(out.shape, dtype=out.dtype)
         buf, off = row_view(tmp)
-        return tmp, buf, off, out
-    return out, view[0], view[1], None
+        return tmp, buf, off, out, False
+    return out, view[0], view[1], None, same
 
 
 def _as_logits(logits) -> np.ndarray:
@@ -169,9 +179,17 @@ def _row_scale(grad_output, reduction: str, targets_shape, n_rows: int, total_we
         return np.ascontiguousarray(np.broadcast_to(go, targets_shape).reshape(-1), dtype=acc)
     g = float(go)
     if reduction == "mean":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g = np.float64(g) / total_weight
+        g = _divide(g, total_weight)
     return np.full(n_rows, g, dtype=acc)
+
+
+def _divide(a: float, b: float) -> float:
+    """``a / b`` as float64 division gives it (inf or NaN for ``b = 0``), without the cost of
+    ``np.errstate`` where ``b`` is not 0 (Python's float division is IEEE's there)."""
+    if b != 0.0:
+        return a / b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(a) / np.float64(b))
 
 
 def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_output, out, validate: bool, stream):
@@ -189,32 +207,33 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
         weight = np.asarray(weight)
         _checks.check_weight(weight.shape, weight.dtype, n_cols)
         w = np.ascontiguousarray(weight, dtype=acc)
-    if validate:
-        _checks.check_target_range(targets, n_cols, opts.ignore_index)
     # The kernels guard the range themselves (an unchecked bad target gives a NaN row), so
     # clipping to int64 here can never turn into an out-of-bounds read.
     t = targets.reshape(-1)
     if t.dtype == np.uint64:
         t = np.minimum(t, np.uint64(2**63 - 1))
     t = t.astype(np.int64, copy=False)
+    if validate and (bad := _cpu.first_bad_target(t, n_cols, opts.ignore_index)) >= 0:
+        position = tuple(int(p) for p in np.unravel_index(bad, targets.shape))
+        raise _checks.target_range_error(position, int(targets.reshape(-1)[bad]), n_cols, opts.ignore_index)
     n_rows = t.size
     total_weight = mean_divisor(np, t, w if w.size else None, opts.ignore_index, n_cols)
     if grad:
         scale = _row_scale(grad_output, opts.reduction, targets.shape, n_rows, total_weight, acc)
-        result, g_buf, g_off, copy_back = _output(out, logits)
+        result, g_buf, g_off, copy_back, in_place = _output(out, logits)
     elif out is not None:
         raise ValueError("out= is where the gradient goes; cross_entropy computes no gradient")
     x_buf, x_off = _rows_of(logits)
     if not grad:  # empty stand-ins of the kernel's gradient arguments
         scale = np.empty(0, dtype=acc)
         g_buf, g_off, result, copy_back = np.empty(0, dtype=x_buf.dtype), np.empty(0, np.int64), None, None
+        in_place = False
     loss_rows = np.empty(n_rows, dtype=acc)
     lse = np.empty(n_rows, dtype=acc)
     w_sum = acc(np.sum(w, dtype=np.float64)) if w.size else acc(n_cols)
     common = (x_buf, x_off, n_cols, t, opts.ignore_index, w, w_sum, acc(opts.softcap), acc(opts.label_smoothing))
     common += (acc(opts.z_loss), scale, g_buf, g_off)
     half = _half_code(logits.dtype)
-    in_place = grad and _address(g_buf) == _address(x_buf) and np.array_equal(g_off, x_off)
     if half:
         ring = _cpu.scratch_ring(n_cols)  # the kernel takes one window for the loss alone
         claim = grad and not in_place and _cpu.claims_output(n_cols)
@@ -235,11 +254,10 @@ def _reduce(loss_rows: np.ndarray, reduction: str, shape, total_weight: float, a
     the same for any thread count; 'mean' divides by the weight sum (NaN when it is 0)."""
     if reduction == "none":
         return loss_rows.reshape(shape)
-    total = np.sum(loss_rows, dtype=np.float64)
+    total = np.add.reduce(loss_rows, dtype=np.float64)  # np.sum's pairwise sum, without its wrapper
     if reduction == "sum":
         return acc(total)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return acc(total / np.float64(total_weight))
+    return acc(_divide(float(total), total_weight))
 
 
 def normalize(logits, mode: int, out, *, stream):
@@ -253,16 +271,15 @@ def normalize(logits, mode: int, out, *, stream):
     lse = np.empty(int(np.prod(logits.shape[:-1], dtype=np.int64)), dtype=acc)
     x_buf, x_off = _rows_of(logits)
     if mode == MODE_LSE:
-        result, copy_back = None, None
+        result, copy_back, in_place = None, None, False
         # nothing is written: an empty stand-in (x_buf may be read-only)
         o_buf, o_off = np.empty(0, dtype=x_buf.dtype), np.empty(0, np.int64)
     else:
-        result, o_buf, o_off, copy_back = _output(out, logits)
+        result, o_buf, o_off, copy_back, in_place = _output(out, logits)
     common = (x_buf, x_off, n_cols, mode, o_buf, o_off)
     if half:
         run_rows(_cpu.normalize_rows_16, _cpu.normalize_range_16, lse.size, n_cols, *common, half, lse)
     else:
-        in_place = mode != MODE_LSE and _address(o_buf) == _address(x_buf) and np.array_equal(o_off, x_off)
         if (parts := split_parts(lse.size, n_cols)) > 1:
             launch(_cpu_split.normalize_split, parts, *common, in_place, lse)
         else:

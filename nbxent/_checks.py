@@ -7,6 +7,7 @@ arrays) and the GPU path (any CUDA array, described by shape and dtype) share th
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -44,7 +45,31 @@ def check_options(
     z_loss: float,
     softcap: float | None,
 ) -> Options:
-    """Validate the scalar options of every loss function."""
+    """Validate the scalar options of every loss function. A call repeats the last one's options
+    as a rule, so validated options are remembered (by value and type: ``True`` is not ``1``)."""
+    try:
+        return _checked_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    except TypeError:
+        if _hashable(reduction, ignore_index, label_smoothing, z_loss, softcap):
+            raise
+    return _check_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _hashable(*values: object) -> bool:
+    try:
+        hash(values)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_options(
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> Options:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
@@ -67,9 +92,18 @@ def check_options(
     return Options(reduction, ignore_index, label_smoothing, z_loss, cap)
 
 
+_checked_options = functools.lru_cache(maxsize=64, typed=True)(_check_options)
+
+
+@functools.cache
+def _dtype_name(dtype) -> str:
+    """``np.dtype(dtype).name``, remembered: the name is built anew on every lookup (3 us)."""
+    return np.dtype(dtype).name
+
+
 def logit_dtype_name(dtype: np.dtype) -> str:
     """The name of a supported logits dtype; TypeError for anything else."""
-    name = np.dtype(dtype).name
+    name = _dtype_name(dtype)
     if name not in LOGIT_DTYPES:
         raise TypeError(
             f"logits must be float16, bfloat16, float32 or float64, got {name}; convert with logits.astype(np.float32)"

@@ -711,6 +711,18 @@ def capped_narrow(g, out, m, a, b, w, inv_cap, half):
 
 
 @jit_serial
+def first_bad_target(t, n_cols, ignore_index):
+    """The index of the first target outside [0, V) that is not ``ignore_index``, -1 if none:
+    the range check of every validated CPU call (0.4 us for a few targets, where the NumPy
+    expression took 5 us)."""
+    for j in range(t.size):
+        v = t[j]
+        if (v < 0 or v >= n_cols) and v != ignore_index:
+            return j
+    return -1
+
+
+@jit_serial
 def skip_value(tgt, ignore_index, n_cols):
     """What an ignored row holds (0) and what a row with a target outside [0, V) holds (NaN:
     reachable only with validate=False, and never read out of bounds); -1 for a normal row."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _backend_cpu, _checks
 from ._cpu import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX
 
@@ -28,6 +30,8 @@ _CUDA_DEVICE_TYPES = (2, 13)  # DLPack's kDLCUDA and kDLCUDAManaged
 
 def is_gpu_array(a: Any) -> bool:
     """True for arrays that live on an NVIDIA GPU (CUDA array interface or a CUDA DLPack device)."""
+    if isinstance(a, np.ndarray):  # the common case, without three attribute lookups and a DLPack call
+        return False
     if hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False):
         return True
     dlpack_device = getattr(a, "__dlpack_device__", None)

@@ -570,7 +570,8 @@ def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
         (3, 128256, 16, 22),
         (1, 2048, 8, 1),
         (1, 4097, 64, 1),
-        (1, 70000, 64, 35),
+        (1, 70000, 64, 1),
+        (1, 140000, 64, 69),
     ],
 )
 def test_split_parts(n_rows, n_cols, threads, parts, monkeypatch):

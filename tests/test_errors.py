@@ -56,6 +56,31 @@ def test_bad_options(fn, case):
 
 
 @pytest.mark.parametrize("fn", ALL_LOSSES)
+def test_remembered_options_are_checked_by_type_and_value(fn, case):
+    """Validated options are remembered (``_checks.check_options``): a good value of one type
+    does not let a bad one of another through (``True == 1``, ``1.0 == 1``), and options that
+    cannot be remembered (arrays) get the same errors as without it."""
+    logits, targets = case
+    fn(logits, targets, ignore_index=1, label_smoothing=0.0)
+    raises(TypeError, "ignore_index must be an integer, got bool", fn, logits, targets, ignore_index=True)
+    raises(TypeError, "ignore_index must be an integer, got float", fn, logits, targets, ignore_index=1.0)
+    fn(logits, targets, label_smoothing=np.float32(0.25))
+    raises(
+        TypeError,
+        "label_smoothing must be a real number, got ndarray",
+        fn,
+        logits,
+        targets,
+        label_smoothing=np.array(0.25),
+    )
+    raises(TypeError, "softcap must be a real number, got list", fn, logits, targets, softcap=[3.0])
+    raises(ValueError, r"label_smoothing must be in \[0, 1\]", fn, logits, targets, label_smoothing=1.5)
+    raises(
+        ValueError, r"label_smoothing must be in \[0, 1\]", fn, logits, targets, label_smoothing=1.5
+    )  # not remembered
+
+
+@pytest.mark.parametrize("fn", ALL_LOSSES)
 def test_bad_arrays(fn, case):
     logits, targets = case
     raises(TypeError, "logits must be float16, bfloat16, float32 or float64, got int64", fn, targets[:, None], targets)
