@@ -13,7 +13,8 @@ Every timed case is one point of the grid ``shape x dtype x options x op`` from 
 ``Bandwidth.track_*`` report GB/s and the fraction of the copy floor, with one more op,
 "forward+backward into out": the gradient into a preallocated ``out`` (the issue's fused
 target; "forward+backward" allocates a new gradient every call, whose page faults it times);
-``CopyFloors.track_*`` set that floor beside a copy with streaming stores.
+``CopyFloors.track_*`` set that floor beside a copy with streaming stores; ``FewRows`` times
+calls with fewer rows than threads on one thread and on all.
 """
 
 from __future__ import annotations
@@ -354,3 +355,36 @@ class CopyFloors:
         return self.gbps / self.copy_gbps
 
     track_streaming_over_copy_floor.unit = "x copy GB/s"
+
+
+class FewRows:
+    """Calls with fewer rows than threads, on one thread and on all: since commit f9dea21 each
+    row's vocabulary is split among the threads (``nbxent._cpu_split``), with the same bits as
+    one thread a row, so "all" over "1" is what the split gains. The 4x10 rows are the fixed
+    cost of a call (the checks and the dispatch), which no thread count changes."""
+
+    params = [
+        ["1x140000"] if _common.QUICK else ["4x10", "1x256000", "1x1024000"],
+        ["forward", INTO_OUT],
+        ["1", "all"],
+    ]
+    param_names = ["shape", "op", "threads"]
+    warmup_time = 0
+
+    def setup(self, shape, op, threads):
+        import numba
+
+        self._threads = numba.get_num_threads()
+        numba.set_num_threads(1 if threads == "1" else self._threads)
+        logits = _common.cached_logits(shape, "float32")
+        self.call = nbxent_call(op, logits, _common.make_targets(shape), {})
+        _common.warm_up_once((shape, op, threads, "few rows"), self.call)
+        self.repeat = (10, 200, 1.0)
+
+    def teardown(self, shape, op, threads):
+        import numba
+
+        numba.set_num_threads(self._threads)
+
+    def time_few_rows(self, shape, op, threads):
+        self.call()

@@ -55,8 +55,8 @@ def run_rows(kernel, range_fn, n_rows: int, n_cols: int, *args) -> None:
 
 
 # Below this many logits, splitting rows among threads (``split_parts``) did not pay: one row
-# of 65536 float32 logits 0.92-0.99x, 128256 0.99-1.06x, 256000 1.06-1.17x and 1024000
-# 1.26-1.51x (two threads against one a row, the Zen 3 VM of docs/cpu.md).
+# of 65536 or 100000 float32 logits 0.88-1.07x, 131072 1.11-1.19x, 256000 1.31-1.38x
+# (two threads against one, the Zen 3 VM; docs/cpu.md item 6).
 SPLIT_BELOW = 1 << 17
 
 
