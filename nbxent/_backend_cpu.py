@@ -235,10 +235,13 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     common += (acc(opts.z_loss), scale, g_buf, g_off)
     half = _half_code(logits.dtype)
     if half:
-        ring = _cpu.scratch_ring(n_cols)  # the kernel takes one window for the loss alone
         claim = grad and not in_place and _cpu.claims_output(n_cols)
-        args = (*common, half, ring, in_place, claim, loss_rows, lse)
-        run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *args)
+        if (parts := split_parts(n_rows, n_cols)) > 1:
+            launch(_cpu_split.xent_split_16, parts, *common, half, claim, loss_rows, lse)
+        else:
+            ring = _cpu.scratch_ring(n_cols)  # the kernel takes one window for the loss alone
+            args = (*common, half, ring, in_place, claim, loss_rows, lse)
+            run_rows(_cpu.xent_rows_16, _cpu.xent_range_16, n_rows, n_cols, *args)
     elif not in_place and (parts := split_parts(n_rows, n_cols)) > 1:
         launch(_cpu_split.xent_split, parts, *common, loss_rows, lse)
     else:

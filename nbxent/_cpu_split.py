@@ -33,19 +33,25 @@ from ._cpu import (
     RESUM_AT,
     STATS_BLOCK,
     block_store,
+    block_store16,
     cap_max,
+    capped_narrow,
     first_max,
     grad_factors,
+    narrow_row,
+    narrow_value,
     normalize_row,
     padded_ebuf,
     rescale_grad,
+    rescale_narrow,
     row_loss,
     skip_value,
     write_capped_grad,
     write_normalized,
     xent_row,
+    zero_block,
 )
-from ._jit import as_dtype_of, fast_tanh, jit_kernel
+from ._jit import as_dtype_of, fast_exp16, fast_tanh, jit_kernel, widen
 
 # Row states after step 2 (``state``): split (step 3 writes the gradient), done (ignored or
 # bad target, or the one-thread fall-back: nothing left to do).
@@ -201,3 +207,125 @@ def normalize_split(parts, x, x_off, n_cols, mode, out, out_off, in_place, lse):
             write_normalized(outb, outb, m0[i], s[i], mode)  # out is x: read through the writable name
         else:
             write_normalized(x[x_off[i] + lo : x_off[i] + hi], outb, m0[i], s[i], mode)
+
+
+@jit_kernel
+def xent_split_16(
+    parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, claim, loss, lse
+):
+    """``_cpu.xent_range_16`` (same arguments; a float32 scratch row per row instead of the
+    ring) with each row's blocks in ``parts`` ranges over all threads, as ``xent_split``: the
+    pass widens each block's bits and stores its exps in the row's scratch (the loss alone:
+    in each task's L1 buffer), the sweep rescales and rounds them into ``g``. In place too:
+    the bits are read by the pass and the fall-back, and written only by the sweep."""
+    zero = np.float32(0)
+    one = np.float32(1)
+    capped = cap > zero
+    inv_cap = one / cap if capped else zero
+    smooth = eps > zero
+    has_w = w.size > 0
+    want_grad = scale.size > 0
+    claim = claim and want_grad
+    big = np.float32(RESUM_AT)
+    n_rows = targets.size
+    n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
+    per_part = (n_blocks + parts - 1) // parts
+    scratch = np.empty((n_rows, n_cols), np.float32)
+    m0 = np.empty(n_rows, np.float32)
+    state = np.empty(n_rows, np.int64)
+    for i in range(n_rows):
+        head = x[x_off[i] : x_off[i] + min(STATS_BLOCK, n_cols)]
+        m0[i] = cap_max(first_max(scratch[i, :0], head, half), cap, inv_cap)
+        state[i] = SPLIT if skip_value(targets[i], ignore_index, n_cols) == -1.0 else DONE
+    bs = np.zeros((n_rows, n_blocks), np.float32)
+    bsm = np.zeros((n_rows, n_blocks), np.float32)
+    for task in numba.prange(n_rows * parts):
+        i = task // parts
+        if state[i] != SPLIT or not math.isfinite(m0[i]):
+            continue
+        ebuf = padded_ebuf(scratch)
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        for k in range((task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)):
+            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+            if claim:
+                zero_block(g[g_off[i] + lo : g_off[i] + hi])
+            gb = scratch[i, lo:hi] if want_grad else ebuf[: hi - lo]
+            bs[i, k], bsm[i, k] = block_store16(xr[lo:hi], gb, m0[i], w[lo:hi] if has_w else w, smooth, half, cap)
+    a = np.empty(n_rows, np.float32)
+    b = np.empty(n_rows, np.float32)
+    s = np.empty(n_rows, np.float32)
+    xt = np.empty(n_rows, np.float32)
+    for i in range(n_rows):
+        tgt = targets[i]
+        fill = skip_value(tgt, ignore_index, n_cols)
+        if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
+            loss[i] = fill
+            lse[i] = fill
+            if want_grad:
+                scratch[i] = fill
+                narrow_row(scratch[i], g[g_off[i] : g_off[i] + n_cols], half)
+            continue
+        xr = x[x_off[i] : x_off[i] + n_cols]
+        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):  # one thread, as in memory
+            state[i] = DONE
+            block_m = np.empty(n_blocks, np.float32)
+            ebuf = padded_ebuf(scratch)
+            if want_grad:
+                gr = g[g_off[i] : g_off[i] + n_cols]
+                loss[i], lse[i] = xent_row(
+                    scratch[i], scratch[i], True, tgt, w, w_sum, cap, eps, z, scale[i], True, block_m, ebuf, xr, gr,
+                    half, claim,
+                )  # fmt: skip
+            else:
+                loss[i], lse[i] = xent_row(
+                    scratch[i], scratch[i], True, tgt, w, w_sum, cap, eps, z, zero, False, block_m, ebuf, xr, None,
+                    half,
+                )  # fmt: skip
+            continue
+        si = zero
+        sm = zero
+        for k in range(n_blocks):
+            si += bs[i, k]
+            sm += bsm[i, k]
+        s[i] = si
+        v = np.float32(widen(xr[tgt], half))
+        xt[i] = cap * fast_tanh(v * inv_cap) if capped else v
+        wt = w[tgt] if has_w else one
+        loss[i], lse[i] = row_loss(scratch[i], m0[i], si, sm, xt[i], wt, w_sum, eps, z)
+        if want_grad:
+            a[i], b[i] = grad_factors(scratch[i], si, lse[i], wt, w_sum, eps, z, scale[i])
+    if not want_grad:
+        return
+    # The sweep of ``xent_row`` for 16-bit rows: rescale and round each block, then redo the
+    # target's entry from the scratch, as it rounds it.
+    for task in numba.prange(n_rows * parts):
+        i = task // parts
+        if state[i] != SPLIT:
+            continue
+        gr = g[g_off[i] : g_off[i] + n_cols]
+        sr = scratch[i]
+        finite_row = s[i] == s[i] and math.isfinite(b[i])
+        not_nan = finite_row and math.isfinite(a[i])
+        k0, k1 = (task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)
+        for k in range(k0, k1):
+            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+            wb = w[lo:hi] if has_w else w
+            if capped and smooth:  # the scratch holds the capped logits
+                capped_narrow(sr[lo:hi], gr[lo:hi], m0[i], a[i], b[i], wb, inv_cap, half)
+            else:
+                rescale_narrow(sr[lo:hi], gr[lo:hi], a[i], b[i], wb, half, not_nan)
+        tgt = targets[i]
+        if k0 * STATS_BLOCK <= tgt < min(k1 * STATS_BLOCK, n_cols):
+            wt = w[tgt] if has_w else one
+            b_t = b[i] * w[tgt] if has_w else b[i]
+            d_t = one
+            if capped and smooth:
+                r = sr[tgt] * inv_cap
+                d_t = one - r * r
+                g_t = (a[i] * fast_exp16(sr[tgt] - m0[i]) - b_t) * d_t
+            else:
+                g_t = a[i] * sr[tgt] - b_t
+                if capped:
+                    r = xt[i] * inv_cap
+                    d_t = one - r * r
+            gr[tgt] = narrow_value(g_t - scale[i] * (one - eps) * wt * d_t, half)

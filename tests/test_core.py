@@ -502,13 +502,53 @@ def assert_same_bits(got, want, msg=""):
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=msg)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def kernels_of_one_kind() -> bool:
+    """Whether the CPU kernels this process ran were all compiled in it or all loaded from
+    Numba's cache: only then do two kernels that do the same arithmetic give the same bits
+    (docs/cpu.md, "Known limitation")."""
+    from nbxent import _cpu, _cpu_split
+
+    hits = misses = False
+    for module in (_cpu, _cpu_split):
+        for obj in vars(module).values():
+            stats = getattr(obj, "stats", None)
+            if stats is not None and hasattr(stats, "cache_hits"):
+                hits |= bool(stats.cache_hits)
+                misses |= bool(stats.cache_misses)
+    return not (hits and misses)
+
+
+def assert_near_bits(got, want, msg=""):
+    """Within the known limitation's reach: 4 ulp of float32/float64 and one step of 16 bits,
+    of each entry or of the largest (a gradient's small entries are differences of larger
+    terms, and 16-bit ones may be subnormal)."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype.itemsize == 2:
+        g32, w32 = got.astype(np.float32), want.astype(np.float32)
+        np.testing.assert_array_equal(np.isnan(g32), np.isnan(w32), err_msg=msg)
+        step = 2.0 ** -(7 if got.dtype != np.float16 else 10)
+        fin = np.isfinite(w32)
+        atol = step * np.max(np.abs(w32[fin]), initial=0)
+        np.testing.assert_allclose(g32[fin], w32[fin], rtol=step, atol=atol, err_msg=msg)
+        return
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite], want[~finite], err_msg=msg)
+    eps = 4 * np.finfo(got.dtype).eps
+    np.testing.assert_allclose(
+        got[finite], want[finite], rtol=eps, atol=eps * np.max(np.abs(want[finite]), initial=0), err_msg=msg
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
     """Calls with fewer rows than threads split each row's blocks among threads
-    (``_cpu_split``): loss alone, fused out of place, in place (which is not split),
-    logsumexp, softmax and log-softmax (in place too) give the bits of one thread a row, for
-    any number of parts (more parts than blocks included), every option, and the rows that
-    fall back to one thread (a reference max raised, masked leading blocks, NaN, +inf)."""
+    (``_cpu_split``): loss alone, fused out of place, in place (split for 16-bit logits, not
+    for float ones), logsumexp, softmax and log-softmax (in place too) give the bits of one
+    thread a row, for any number of parts (more parts than blocks included), every option,
+    and the rows that fall back to one thread (a reference max raised, masked leading blocks,
+    NaN, +inf). Against one thread a row, exactly where both kernels came from the same code
+    generator (``kernels_of_one_kind``: a process that compiled one and loaded the other from
+    the cache can differ in the last bits, the known limitation); among part counts, always."""
     from nbxent import _backend_cpu
     from nbxent._cpu import EXP_CLAMP, STATS_BLOCK
 
@@ -550,14 +590,20 @@ def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
         seed = rng.integers(2**32)
         monkeypatch.setattr(_backend_cpu, "split_parts", lambda n_rows, n_cols: 1)
         rng = np.random.default_rng(seed)  # the same grad_output
-        want = results(opts) + normalized()
+        one_thread = results(opts) + normalized()
+        split = {}
         for parts in (2, 3, 64):
             monkeypatch.setattr(_backend_cpu, "split_parts", lambda n_rows, n_cols, parts=parts: parts)
             rng = np.random.default_rng(seed)
             with np.errstate(invalid="ignore"):
-                got = results(opts) + normalized()
-            for k, (a, b) in enumerate(zip(got, want, strict=True)):
-                assert_same_bits(a, b, f"{opts} parts={parts} result {k}")
+                split[parts] = results(opts) + normalized()
+        exact = kernels_of_one_kind()
+        for parts, got in split.items():
+            for k, (a, b) in enumerate(zip(got, split[2], strict=True)):
+                np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), f"{opts} parts={parts} result {k}")
+            for k, (a, b) in enumerate(zip(got, one_thread, strict=True)):
+                msg = f"{opts} parts={parts} result {k} against one thread"
+                (assert_same_bits if exact else assert_near_bits)(a, b, msg)
         check(x[[0, 5, 6]], t[[0, 5, 6]], reduction="none", **opts)  # split, against the reference
 
 
