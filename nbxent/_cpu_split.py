@@ -51,11 +51,26 @@ from ._cpu import (
     xent_row,
     zero_block,
 )
-from ._jit import as_dtype_of, fast_exp16, fast_tanh, jit_kernel, widen
+from ._jit import as_dtype_of, fast_exp16, fast_tanh, jit_kernel, jit_serial, widen
 
 # Row states after step 2 (``state``): split (step 3 writes the gradient), done (ignored or
 # bad target, or the one-thread fall-back: nothing left to do).
 SPLIT, DONE = 0, 1
+
+
+@jit_serial
+def task_blocks(task, parts, n_blocks):
+    """Task ``task``'s row ``i`` and blocks ``k0:k1``: ``parts`` tasks a row, each a contiguous
+    range of its blocks (empty where there are more parts than blocks)."""
+    per_part = (n_blocks + parts - 1) // parts
+    part = task % parts
+    return task // parts, part * per_part, min(n_blocks, (part + 1) * per_part)
+
+
+@jit_serial
+def block_span(k, n_cols):
+    """Columns ``lo:hi`` of block ``k`` of a row of ``n_cols``."""
+    return k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
 
 
 @jit_kernel
@@ -72,7 +87,6 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
     big = as_dtype_of(x, RESUM_AT)
     n_rows = targets.size
     n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
-    per_part = (n_blocks + parts - 1) // parts
     # 0. Each row's reference max, as ``row_stats`` takes it from the row's first block; a row
     #    without a finite one, and an ignored row, is left to step 2.
     m0 = np.empty(n_rows, x.dtype)
@@ -85,14 +99,14 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
     bs = np.zeros((n_rows, n_blocks), x.dtype)
     bsm = np.zeros((n_rows, n_blocks), x.dtype)
     for task in numba.prange(n_rows * parts):
-        i = task // parts
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
         if state[i] != SPLIT or not math.isfinite(m0[i]):
             continue
         ebuf = padded_ebuf(x)
         xr = x[x_off[i] : x_off[i] + n_cols]
         gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else ebuf[:0]
-        for k in range((task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)):
-            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+        for k in range(k0, k1):
+            lo, hi = block_span(k, n_cols)
             gb = gr[lo:hi] if want_grad else gr
             bs[i, k], bsm[i, k] = block_store(xr[lo:hi], gb, m0[i], w[lo:hi] if has_w else w, smooth, cap, ebuf)
     # 2. Per row: its sums in block order, its loss and gradient factors; or the whole row on
@@ -136,13 +150,12 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
     # 3. The gradient sweep of ``xent_row`` over each task's blocks (every block was summed
     #    against m0, so none is rescaled), then the target's own term where it lies.
     for task in numba.prange(n_rows * parts):
-        i = task // parts
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
         if state[i] != SPLIT:
             continue
         gr = g[g_off[i] : g_off[i] + n_cols]
-        k0, k1 = (task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)
         for k in range(k0, k1):
-            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+            lo, hi = block_span(k, n_cols)
             wb = w[lo:hi] if has_w else w
             if capped and smooth:  # g holds the capped logits (``block_store``)
                 write_capped_grad(gr[lo:hi], m0[i], a[i], b[i], wb, inv_cap)
@@ -167,19 +180,18 @@ def normalize_split(parts, x, x_off, n_cols, mode, out, out_off, in_place, lse):
     big = as_dtype_of(x, RESUM_AT)
     n_rows = lse.size
     n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
-    per_part = (n_blocks + parts - 1) // parts
     m0 = np.empty(n_rows, x.dtype)
     for i in range(n_rows):
         m0[i] = first_max(x[x_off[i] : x_off[i] + min(STATS_BLOCK, n_cols)], None, 0)
     bs = np.zeros((n_rows, n_blocks), x.dtype)
     for task in numba.prange(n_rows * parts):
-        i = task // parts
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
         if not math.isfinite(m0[i]):
             continue
         ebuf = padded_ebuf(x)
         xr = x[x_off[i] : x_off[i] + n_cols]
-        for k in range((task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)):
-            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+        for k in range(k0, k1):
+            lo, hi = block_span(k, n_cols)
             bs[i, k], _ = block_store(xr[lo:hi], ebuf[:0], m0[i], ebuf[:0], False, zero, ebuf)
     s = np.zeros(n_rows, x.dtype)
     split = np.ones(n_rows, np.bool_)
@@ -195,10 +207,9 @@ def normalize_split(parts, x, x_off, n_cols, mode, out, out_off, in_place, lse):
     if mode == MODE_LSE:
         return
     for task in numba.prange(n_rows * parts):
-        i = task // parts
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
         if not split[i]:
             continue
-        k0, k1 = (task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)
         lo, hi = k0 * STATS_BLOCK, min(k1 * STATS_BLOCK, n_cols)
         if lo >= hi:
             continue
@@ -229,7 +240,6 @@ def xent_split_16(
     big = np.float32(RESUM_AT)
     n_rows = targets.size
     n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
-    per_part = (n_blocks + parts - 1) // parts
     scratch = np.empty((n_rows, n_cols), np.float32)
     m0 = np.empty(n_rows, np.float32)
     state = np.empty(n_rows, np.int64)
@@ -240,13 +250,13 @@ def xent_split_16(
     bs = np.zeros((n_rows, n_blocks), np.float32)
     bsm = np.zeros((n_rows, n_blocks), np.float32)
     for task in numba.prange(n_rows * parts):
-        i = task // parts
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
         if state[i] != SPLIT or not math.isfinite(m0[i]):
             continue
         ebuf = padded_ebuf(scratch)
         xr = x[x_off[i] : x_off[i] + n_cols]
-        for k in range((task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)):
-            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+        for k in range(k0, k1):
+            lo, hi = block_span(k, n_cols)
             if claim:
                 zero_block(g[g_off[i] + lo : g_off[i] + hi])
             gb = scratch[i, lo:hi] if want_grad else ebuf[: hi - lo]
@@ -299,16 +309,15 @@ def xent_split_16(
     # The sweep of ``xent_row`` for 16-bit rows: rescale and round each block, then redo the
     # target's entry from the scratch, as it rounds it.
     for task in numba.prange(n_rows * parts):
-        i = task // parts
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
         if state[i] != SPLIT:
             continue
         gr = g[g_off[i] : g_off[i] + n_cols]
         sr = scratch[i]
         finite_row = s[i] == s[i] and math.isfinite(b[i])
         not_nan = finite_row and math.isfinite(a[i])
-        k0, k1 = (task % parts) * per_part, min(n_blocks, (task % parts + 1) * per_part)
         for k in range(k0, k1):
-            lo, hi = k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
+            lo, hi = block_span(k, n_cols)
             wb = w[lo:hi] if has_w else w
             if capped and smooth:  # the scratch holds the capped logits
                 capped_narrow(sr[lo:hi], gr[lo:hi], m0[i], a[i], b[i], wb, inv_cap, half)
