@@ -280,13 +280,15 @@ def normalize(logits, mode: int, out, *, stream):
     else:
         result, o_buf, o_off, copy_back, in_place = _output(out, logits)
     common = (x_buf, x_off, n_cols, mode, o_buf, o_off)
-    if half:
+    parts = split_parts(lse.size, n_cols)
+    if half and parts > 1:
+        launch(_cpu_split.normalize_split_16, parts, *common, half, lse)
+    elif half:
         run_rows(_cpu.normalize_rows_16, _cpu.normalize_range_16, lse.size, n_cols, *common, half, lse)
+    elif parts > 1:
+        launch(_cpu_split.normalize_split, parts, *common, in_place, lse)
     else:
-        if (parts := split_parts(lse.size, n_cols)) > 1:
-            launch(_cpu_split.normalize_split, parts, *common, in_place, lse)
-        else:
-            run_rows(_cpu.normalize_rows, _cpu.normalize_range, lse.size, n_cols, *common, in_place, lse)
+        run_rows(_cpu.normalize_rows, _cpu.normalize_range, lse.size, n_cols, *common, in_place, lse)
     if mode == MODE_LSE:
         return lse.reshape(logits.shape[:-1])
     if copy_back is not None:

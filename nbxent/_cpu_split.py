@@ -46,6 +46,7 @@ from ._cpu import (
     rescale_narrow,
     row_loss,
     skip_value,
+    widen_row,
     write_capped_grad,
     write_normalized,
     xent_row,
@@ -338,3 +339,54 @@ def xent_split_16(
                     r = xt[i] * inv_cap
                     d_t = one - r * r
             gr[tgt] = narrow_value(g_t - scale[i] * (one - eps) * wt * d_t, half)
+
+
+@jit_kernel
+def normalize_split_16(parts, x, x_off, n_cols, mode, out, out_off, half, lse):
+    """``_cpu.normalize_range_16(0, n_rows, ...)`` (same arguments) as ``normalize_split``: each
+    task widens its blocks into the row's float32 scratch and sums them, and rescales and
+    rounds them into ``out`` at the end (in place too: the bits are read before any is
+    written)."""
+    zero = np.float32(0)
+    big = np.float32(RESUM_AT)
+    n_rows = lse.size
+    n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
+    scratch = np.empty((n_rows, n_cols), np.float32)
+    m0 = np.empty(n_rows, np.float32)
+    for i in range(n_rows):  # the reference max of the widened first block, as row_stats takes it
+        head = min(STATS_BLOCK, n_cols)
+        sr = scratch[i]
+        widen_row(x[x_off[i] : x_off[i] + head], sr[:head], half)
+        m0[i] = first_max(sr[:head], None, 0)
+    bs = np.zeros((n_rows, n_blocks), np.float32)
+    for task in numba.prange(n_rows * parts):
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
+        ebuf = padded_ebuf(scratch)
+        for k in range(k0, k1):
+            lo, hi = block_span(k, n_cols)
+            sb = scratch[i][lo:hi]
+            widen_row(x[x_off[i] + lo : x_off[i] + hi], sb, half)
+            if math.isfinite(m0[i]):
+                bs[i, k], _ = block_store(sb, ebuf[:0], m0[i], ebuf[:0], False, zero, ebuf)
+    s = np.zeros(n_rows, np.float32)
+    split = np.ones(n_rows, np.bool_)
+    for i in range(n_rows):
+        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):  # one thread, as in memory
+            split[i] = False
+            lse[i] = normalize_row(scratch[i], scratch[i], True, mode, padded_ebuf(scratch))
+            if mode != MODE_LSE:
+                narrow_row(scratch[i], out[out_off[i] : out_off[i] + n_cols], half)
+            continue
+        for k in range(n_blocks):
+            s[i] += bs[i, k]
+        lse[i] = m0[i] + math.log(s[i])  # m0 is finite
+    if mode == MODE_LSE:
+        return
+    for task in numba.prange(n_rows * parts):
+        i, k0, k1 = task_blocks(task, parts, n_blocks)
+        lo, hi = k0 * STATS_BLOCK, min(k1 * STATS_BLOCK, n_cols)
+        if not split[i] or lo >= hi:
+            continue
+        sb = scratch[i][lo:hi]
+        write_normalized(sb, sb, m0[i], s[i], mode)  # the scratch in place, as in memory
+        narrow_row(sb, out[out_off[i] + lo : out_off[i] + hi], half)

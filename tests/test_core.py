@@ -543,7 +543,8 @@ def assert_near_bits(got, want, msg=""):
 def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
     """Calls with fewer rows than threads split each row's blocks among threads
     (``_cpu_split``): loss alone, fused out of place, in place (split for 16-bit logits, not
-    for float ones), logsumexp, softmax and log-softmax (in place too) give the bits of one
+    for float ones), logsumexp, softmax and log-softmax (in place too; 16-bit ones through
+    a float32 scratch) give the bits of one
     thread a row, for any number of parts (more parts than blocks included), every option,
     and the rows that fall back to one thread (a reference max raised, masked leading blocks,
     NaN, +inf). Against one thread a row, exactly where both kernels came from the same code
