@@ -1,6 +1,8 @@
-"""Numba CPU kernel for calls with fewer rows than threads: each row's vocabulary is split
-among threads, and the results are bitwise those of ``_cpu.xent_range`` (float32 and float64
-logits; the loss alone and the out-of-place gradient).
+"""Numba CPU kernels for calls with fewer rows than threads: each row's vocabulary is split
+among threads, and the results are bitwise those of the one-thread-a-row kernels of ``_cpu``
+(``xent_range``, ``xent_range_16``, ``normalize_range``, ``normalize_range_16``), within a
+process whose kernels are all compiled in it or all loaded from the cache (docs/cpu.md item 6
+and its known limitation).
 
 ``_cpu.row_stats`` sums a row block by block against one reference max ``m0`` (taken from
 the row's first logits) and raises it only where a block's sum reaches ``RESUM_AT``; where
@@ -8,17 +10,19 @@ no block does, every block's sums depend on that block and ``m0`` alone, and the
 are those block sums added in block order. So:
 
 1. every thread takes a range of blocks of a row and computes their sums (``block_store``,
-   the loop of the one-thread pass, storing the exps where the gradient goes);
+   or ``block_store16`` for 16-bit bits: the loop of the one-thread pass, storing the exps
+   where the gradient, or the row's float32 scratch, goes);
 2. per row, the block sums are added in block order, which gives the one-thread pass's ``s``
    and ``sm`` to the bit, then its loss and gradient factors. A row where a block reached
    ``RESUM_AT``, or whose first block gives no finite reference max (masked leading
-   vocabulary, NaN, +inf), is done again by ``_cpu.xent_row`` on one thread, as in memory;
-3. every thread rescales its blocks into the gradient and, where it holds the target, adds
-   the target's term.
+   vocabulary, NaN, +inf), is done again on one thread by the one-thread row function;
+3. every thread rescales its blocks into the gradient (or the softmax into ``out``) and,
+   where it holds the target, adds the target's term.
 
-In place, a block's exps overwrite its logits as soon as they are summed, and step 2's
-fall-back could not read them again: in-place calls keep one thread a row (``_backend_cpu``),
-as do 16-bit logits.
+Float logits in place are not split (``_backend_cpu``): a block's exps overwrite its logits as
+soon as they are summed, and step 2's fall-back could not read them again. 16-bit logits are,
+in place too: their exps go to the scratch, and the bits are written only in step 3. The
+normalizations store nothing in step 1, so they are split in place too.
 """
 
 from __future__ import annotations
