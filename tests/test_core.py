@@ -608,6 +608,37 @@ def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
         check(x[[0, 5, 6]], t[[0, 5, 6]], reduction="none", **opts)  # split, against the reference
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n_cols", [2049, 4096, 4099, 10007])
+def test_split_rows_of_odd_lengths(dtype, n_cols, monkeypatch):
+    """The split at row lengths around the block size (a last block of one logit, exactly two
+    blocks, a prime length), fresh random rows, targets in the first and last blocks, in 2 and
+    5 parts (more parts than blocks): the bits of one thread a row (to the known limitation's
+    tolerance in a process of mixed kernels, see ``kernels_of_one_kind``), and the reference."""
+    from nbxent import _backend_cpu
+
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((3, n_cols)) * rng.choice([1.0, 4.0, 20.0])).astype(dtype)
+    t = np.array([0, n_cols - 1, rng.integers(n_cols)])
+    opts = {"label_smoothing": 0.05, "weight": rng.uniform(0.5, 2.0, n_cols)}
+
+    def calls():
+        out = [nx.cross_entropy(x, t, reduction="none"), *nx.cross_entropy_with_grad(x, t, reduction="none", **opts)]
+        work = x.copy()
+        out += nx.cross_entropy_with_grad(work, t, reduction="none", out=work)
+        return [*out, nx.logsumexp(x), nx.softmax(x)]
+
+    monkeypatch.setattr(_backend_cpu, "split_parts", lambda n_rows, n_cols: 1)
+    want = calls()
+    for parts in (2, 5):
+        monkeypatch.setattr(_backend_cpu, "split_parts", lambda n_rows, n_cols, parts=parts: parts)
+        got = calls()
+        exact = kernels_of_one_kind()
+        for k, (a, b) in enumerate(zip(got, want, strict=True)):
+            (assert_same_bits if exact else assert_near_bits)(a, b, f"V={n_cols} parts={parts} result {k}")
+    check(x, t, reduction="none", **opts)
+
+
 @pytest.mark.parametrize(
     ("n_rows", "n_cols", "threads", "parts"),
     [
