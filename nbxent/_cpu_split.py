@@ -58,10 +58,6 @@ from ._cpu import (
 )
 from ._jit import as_dtype_of, fast_exp16, fast_tanh, jit_kernel, jit_serial, widen
 
-# Row states after step 2 (``state``): split (step 3 writes the gradient), done (ignored or
-# bad target, or the one-thread fall-back: nothing left to do).
-SPLIT, DONE = 0, 1
-
 
 @jit_serial
 def task_blocks(task, parts, n_blocks):
@@ -95,17 +91,17 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
     # 0. Each row's reference max, as ``row_stats`` takes it from the row's first block; a row
     #    without a finite one, and an ignored row, is left to step 2.
     m0 = np.empty(n_rows, x.dtype)
-    state = np.empty(n_rows, np.int64)
+    split = np.empty(n_rows, np.bool_)  # left to step 3: not ignored, not done on one thread
     for i in range(n_rows):
         xr = x[x_off[i] : x_off[i] + n_cols]
         m0[i] = cap_max(first_max(xr[: min(STATS_BLOCK, n_cols)], None, 0), cap, inv_cap)
-        state[i] = SPLIT if skip_value(targets[i], ignore_index, n_cols) == -1.0 else DONE
+        split[i] = skip_value(targets[i], ignore_index, n_cols) == -1.0
     # 1. The block sums, every block against its row's m0 (``row_stats`` step 2).
     bs = np.zeros((n_rows, n_blocks), x.dtype)
     bsm = np.zeros((n_rows, n_blocks), x.dtype)
     for task in numba.prange(n_rows * parts):
         i, k0, k1 = task_blocks(task, parts, n_blocks)
-        if state[i] != SPLIT or not math.isfinite(m0[i]):
+        if not split[i] or not math.isfinite(m0[i]):
             continue
         ebuf = padded_ebuf(x)
         xr = x[x_off[i] : x_off[i] + n_cols]
@@ -132,7 +128,7 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
         xr = x[x_off[i] : x_off[i] + n_cols]
         row_scale = scale[i] if want_grad else zero
         if not math.isfinite(m0[i]) or np.any(bs[i] >= big):
-            state[i] = DONE
+            split[i] = False
             block_m = np.empty(n_blocks, x.dtype)
             gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
             loss[i], lse[i] = xent_row(
@@ -156,7 +152,7 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
     #    against m0, so none is rescaled), then the target's own term where it lies.
     for task in numba.prange(n_rows * parts):
         i, k0, k1 = task_blocks(task, parts, n_blocks)
-        if state[i] != SPLIT:
+        if not split[i]:
             continue
         gr = g[g_off[i] : g_off[i] + n_cols]
         for k in range(k0, k1):
@@ -247,16 +243,16 @@ def xent_split_16(
     n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
     scratch = np.empty((n_rows, n_cols), np.float32)
     m0 = np.empty(n_rows, np.float32)
-    state = np.empty(n_rows, np.int64)
+    split = np.empty(n_rows, np.bool_)  # left to step 3: not ignored, not done on one thread
     for i in range(n_rows):
         head = x[x_off[i] : x_off[i] + min(STATS_BLOCK, n_cols)]
         m0[i] = cap_max(first_max(scratch[i, :0], head, half), cap, inv_cap)
-        state[i] = SPLIT if skip_value(targets[i], ignore_index, n_cols) == -1.0 else DONE
+        split[i] = skip_value(targets[i], ignore_index, n_cols) == -1.0
     bs = np.zeros((n_rows, n_blocks), np.float32)
     bsm = np.zeros((n_rows, n_blocks), np.float32)
     for task in numba.prange(n_rows * parts):
         i, k0, k1 = task_blocks(task, parts, n_blocks)
-        if state[i] != SPLIT or not math.isfinite(m0[i]):
+        if not split[i] or not math.isfinite(m0[i]):
             continue
         ebuf = padded_ebuf(scratch)
         xr = x[x_off[i] : x_off[i] + n_cols]
@@ -282,7 +278,7 @@ def xent_split_16(
             continue
         xr = x[x_off[i] : x_off[i] + n_cols]
         if not math.isfinite(m0[i]) or np.any(bs[i] >= big):  # one thread, as in memory
-            state[i] = DONE
+            split[i] = False
             block_m = np.empty(n_blocks, np.float32)
             ebuf = padded_ebuf(scratch)
             if want_grad:
@@ -315,7 +311,7 @@ def xent_split_16(
     # target's entry from the scratch, as it rounds it.
     for task in numba.prange(n_rows * parts):
         i, k0, k1 = task_blocks(task, parts, n_blocks)
-        if state[i] != SPLIT:
+        if not split[i]:
             continue
         gr = g[g_off[i] : g_off[i] + n_cols]
         sr = scratch[i]
