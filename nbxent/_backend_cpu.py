@@ -209,13 +209,9 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
         w = np.ascontiguousarray(weight, dtype=acc)
     # The kernels guard the range themselves (an unchecked bad target gives a NaN row), so
     # clipping to int64 here can never turn into an out-of-bounds read.
-    t = targets.reshape(-1)
-    if t.dtype == np.uint64:
-        t = np.minimum(t, np.uint64(2**63 - 1))
-    t = t.astype(np.int64, copy=False)
-    if validate and (bad := _cpu.first_bad_target(t, n_cols, opts.ignore_index)) >= 0:
-        position = tuple(int(p) for p in np.unravel_index(bad, targets.shape))
-        raise _checks.target_range_error(position, int(targets.reshape(-1)[bad]), n_cols, opts.ignore_index)
+    t = _checks.int64_targets(np, targets.reshape(-1))
+    if validate:
+        _checks.check_target_range(targets, n_cols, opts.ignore_index, t)
     n_rows = t.size
     total_weight = mean_divisor(np, t, w if w.size else None, opts.ignore_index, n_cols)
     if grad:

@@ -315,7 +315,7 @@ def _run(device: Device, hidden, weight, targets, opts, bias, chunk_size, class_
         class_weight = xp.ascontiguousarray(class_weight, dtype=acc)
     if validate:
         _checks.check_target_range(device.to_host(targets), n_classes, opts.ignore_index)
-    t = _int64_targets(xp, targets.reshape(-1))
+    t = _checks.int64_targets(xp, targets.reshape(-1))
     n_rows = int(t.size)
     total_weight = _backend_cpu.mean_divisor(xp, t, class_weight, opts.ignore_index, n_classes)
     scale = None
@@ -441,14 +441,6 @@ def _accumulate_matmul(xp, a, b, out, scratch) -> None:
         part = scratch[: min(out.shape[0], row + block) - row]
         xp.matmul(a[row : row + block], b, out=part)
         xp.add(out[row : row + block], part, out=out[row : row + block])
-
-
-def _int64_targets(xp, t):
-    """Targets as int64. Only uint64 can exceed int64: its huge values are clipped (they stay
-    out of range, so an unvalidated one gives a NaN row; the kernels never read out of bounds)."""
-    if t.dtype == np.uint64:
-        t = xp.minimum(t, np.uint64(2**63 - 1))
-    return t.astype(np.int64)
 
 
 def _reduce(xp, loss_rows, reduction: str, shape, total_weight: float, acc):
