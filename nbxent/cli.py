@@ -108,7 +108,7 @@ def info() -> str:
 
     import nbxent
 
-    nbxent.logsumexp(np.zeros((2, 2), np.float32))  # start the threading layer
+    threads = numba.get_num_threads()  # starts the threading layer, which threading_layer() needs
     lines = [
         f"nbxent          {nbxent.__version__}",
         f"python          {platform.python_version()} ({sys.executable})",
@@ -120,7 +120,7 @@ def info() -> str:
         f"ml_dtypes       {_version('ml_dtypes')}",
         f"torch           {_version('torch')}",
         f"threading layer {numba.threading_layer()}",
-        f"threads         {numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS}",
+        f"threads         {threads} of {numba.config.NUMBA_NUM_THREADS}",
         f"CUDA usable     {cuda_status()}",
     ]
     return "\n".join(lines)

@@ -145,3 +145,15 @@ def test_cpu_description_survives_unknown_features(monkeypatch):
     monkeypatch.setattr(ll, "get_host_cpu_features", refuse)
     line = cli.cpu_description()
     assert "vector ISA unknown" in line and f"LLVM target {ll.get_host_cpu_name()}" in line
+
+
+def test_info_runs_in_a_fresh_process():
+    """``nbxent info`` as a user runs it first: no kernel has started Numba's threading layer yet."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "nbxent.cli", "info"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fields = dict(line.split(None, 1) for line in done.stdout.splitlines() if line.strip())
+    assert fields["threading"].startswith("layer ") and fields["threading"].split()[1] in ("omp", "tbb", "workqueue")
+    assert re.fullmatch(r"\d+ of \d+", fields["threads"])
