@@ -543,6 +543,19 @@ def grad_factors(x, s, lse, wt, w_sum, eps, z, scale):
 
 
 @jit_serial
+def target_term(x, xc_t, cap, inv_cap, scale, eps, w_t):
+    """The target's own gradient term ``scale (1 - eps) w_t``, soft-capped rows' times the cap's
+    derivative ``1 - (xc_t / cap)^2`` at the target's capped logit ``xc_t`` (see ``xent_row``),
+    in the dtype of ``x``."""
+    one = as_dtype_of(x, 1)
+    d_t = one
+    if cap > as_dtype_of(x, 0):
+        r = xc_t * inv_cap
+        d_t = one - r * r
+    return scale * (one - eps) * w_t * d_t
+
+
+@jit_serial
 def xent_row(
     x, g, in_place, tgt, w, w_sum, cap, eps, z, scale, want_grad, block_m, ebuf, src16, narrow_to, half, claim=False
 ):
@@ -612,9 +625,8 @@ def xent_row(
                 hi = min(lo + STATS_BLOCK, x.size)
                 capped_narrow(g[lo:hi], narrow_to[lo:hi], m, a, b, w[lo:hi] if has_w else w, inv_cap, half)
             r = g[tgt] * inv_cap
-            d_t = one - r * r
-            g_t = (a * fast_exp16(g[tgt] - m) - (b * w[tgt] if has_w else b)) * d_t
-            narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt * d_t, half)
+            g_t = (a * fast_exp16(g[tgt] - m) - (b * w[tgt] if has_w else b)) * (one - r * r)
+            narrow_to[tgt] = narrow_value(g_t - target_term(x, g[tgt], cap, inv_cap, scale, eps, wt), half)
             return loss, lse
         write_capped_grad(g, m, a, b, w, inv_cap)
     elif store:
@@ -634,23 +646,16 @@ def xent_row(
             else:
                 rescale_grad(g[lo:hi], a_k, b, wb)
         if narrow_to is not None:
+            # (g_t holds the cap's derivative already; the target's term takes it from xt)
             g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_w else b)
-            d_t = one
-            if capped:  # g_t holds the cap's derivative already; the target's term gets it here
-                r = xt * inv_cap
-                d_t = one - r * r
-            narrow_to[tgt] = narrow_value(g_t - scale * (one - eps) * wt * d_t, half)
+            narrow_to[tgt] = narrow_value(g_t - target_term(x, xt, cap, inv_cap, scale, eps, wt), half)
             return loss, lse
     elif in_place:  # one array argument: LLVM sees no aliasing and vectorizes (3x here)
         write_grad(g, g, m, a, b, w, cap)  # g is x: read through the writable name
     else:
         write_grad(x, g, m, a, b, w, cap)
     # 3. The target's own term -(1 - eps) w_t, with its soft-cap factor.
-    d_t = one
-    if capped:
-        r = xt * inv_cap
-        d_t = one - r * r
-    g[tgt] -= scale * (one - eps) * wt * d_t
+    g[tgt] -= target_term(x, xt, cap, inv_cap, scale, eps, wt)
     if narrow_to is not None:
         narrow_row(g, narrow_to, half)
     return loss, lse

@@ -50,6 +50,7 @@ from ._cpu import (
     rescale_narrow,
     row_loss,
     skip_value,
+    target_term,
     widen_row,
     write_capped_grad,
     write_normalized,
@@ -164,12 +165,8 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
                 rescale_grad(gr[lo:hi], a[i], b[i], wb)
         tgt = targets[i]
         if k0 * STATS_BLOCK <= tgt < min(k1 * STATS_BLOCK, n_cols):
-            d_t = one
-            if capped:
-                r = xt[i] * inv_cap
-                d_t = one - r * r
             wt = w[tgt] if has_w else one
-            gr[tgt] -= scale[i] * (one - eps) * wt * d_t
+            gr[tgt] -= target_term(x, xt[i], cap, inv_cap, scale[i], eps, wt)
 
 
 @jit_kernel
@@ -328,17 +325,14 @@ def xent_split_16(
         if k0 * STATS_BLOCK <= tgt < min(k1 * STATS_BLOCK, n_cols):
             wt = w[tgt] if has_w else one
             b_t = b[i] * w[tgt] if has_w else b[i]
-            d_t = one
-            if capped and smooth:
+            if capped and smooth:  # the scratch holds the capped logits (as in ``xent_row``)
                 r = sr[tgt] * inv_cap
-                d_t = one - r * r
-                g_t = (a[i] * fast_exp16(sr[tgt] - m0[i]) - b_t) * d_t
+                g_t = (a[i] * fast_exp16(sr[tgt] - m0[i]) - b_t) * (one - r * r)
+                term = target_term(sr, sr[tgt], cap, inv_cap, scale[i], eps, wt)
             else:
                 g_t = a[i] * sr[tgt] - b_t
-                if capped:
-                    r = xt[i] * inv_cap
-                    d_t = one - r * r
-            gr[tgt] = narrow_value(g_t - scale[i] * (one - eps) * wt * d_t, half)
+                term = target_term(sr, xt[i], cap, inv_cap, scale[i], eps, wt)
+            gr[tgt] = narrow_value(g_t - term, half)
 
 
 @jit_kernel
