@@ -601,8 +601,7 @@ def _xent(x, n_cols, fmt, acc, targets, weight, opts, grad, grad_output, out, va
     if t_host is not None:
         if validate:  # on the host already: no device round trip
             _checks.check_target_range(t_host, n_cols, opts.ignore_index)
-        # Clipping keeps unvalidated huge values finite; the kernels guard the range.
-        t_host = np.clip(t_host, -(2**63), 2**63 - 1).astype(np.int64)
+        t_host = _checks.int64_targets(np, t_host)  # huge uint64 clipped: the kernels guard the range
         t_arr = _upload(t_host, kind, dev, s)
         validate = False
     elif t_dtype not in (np.dtype(np.int32), np.dtype(np.int64)) or not t_dev.is_contiguous():

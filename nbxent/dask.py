@@ -110,7 +110,7 @@ def _targets_block(t, *, n_classes, ignore_index, validate, n_added, block_info=
             starts = [start for start, _ in block_info[0]["array-location"]]
             position = tuple(int(s + k) for s, k in zip(starts, local, strict=True))[n_added:]
             raise _checks.target_range_error(position, int(t[local]), n_classes, ignore_index)
-    return np.clip(t, -(2**63), 2**63 - 1).astype(np.int64)
+    return _checks.int64_targets(np, t)
 
 
 def _target_weight_block(t, w, *, ignore_index, n_classes):
