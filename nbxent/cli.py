@@ -154,12 +154,13 @@ def bench(args: argparse.Namespace) -> str:
     ]
     if not args.no_first_call:
         progress("first call in a fresh process (cold compile, then warm cache)")
-        cold, warm = b.first_call_seconds()
+        first = b.first_call_seconds()
         scipy = importlib.util.find_spec("scipy") is not None
         out += [
             "",
-            f"first call in a new process (import + fused float32 call): cold {cold:.2f} s, "
-            f"warm {warm:.2f} s (median of 5){' (SciPy installed: Numba imports it, +0.25 s)' if scipy else ''}",
+            f"first call in a new process (import + fused float32 call): cold {first.cold:.2f} s, "
+            f"warm {first.warm:.2f} s (median of 5); Numba's own floor under it (import + a trivial "
+            f"cached function{', which imports SciPy' if scipy else ''}) {first.numba_floor:.2f} s",
         ]
     return "\n".join(out)
 

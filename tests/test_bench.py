@@ -157,3 +157,10 @@ def test_info_runs_in_a_fresh_process():
     fields = dict(line.split(None, 1) for line in done.stdout.splitlines() if line.strip())
     assert fields["threading"].startswith("layer ") and fields["threading"].split()[1] in ("omp", "tbb", "workqueue")
     assert re.fullmatch(r"\d+ of \d+", fields["threads"])
+
+
+def test_first_call_probe_times_nbxent_and_numbas_floor():
+    """The first-call figures come from real fresh processes: a cold one that compiles (seconds),
+    warm ones that load its cache, and Numba alone loading a trivial function."""
+    first = bench.first_call_seconds(warm_runs=1)
+    assert 0 < first.warm < first.cold and 0 < first.numba_floor < first.cold
