@@ -16,6 +16,7 @@ forward+backward on the same thread count.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -306,41 +307,57 @@ print(time.perf_counter() - t0)
 """
 
 
+# Put first in a probe, it makes ``import scipy`` fail, as where SciPy is not installed.
+_HIDE_SCIPY = "import sys; sys.modules['scipy'] = None\n"
+
+
 @dataclass(frozen=True)
 class FirstCall:
-    """Seconds for a fresh process's import and first call (``first_call_seconds``)."""
+    """Seconds for a fresh process's import and first call (``first_call_seconds``): medians,
+    but for ``cold``. The ``*_no_scipy`` pair is None where SciPy is not installed."""
 
     cold: float  # nbxent, compile cache empty: compiles
-    warm: float  # nbxent, compile cache warm: median
-    numba_floor: float  # Numba alone, a trivial cached function, cache warm: median
+    warm: float  # nbxent, compile cache warm
+    numba_floor: float  # Numba alone, a trivial cached function, cache warm
+    warm_no_scipy: float | None  # the same two with SciPy hidden
+    numba_floor_no_scipy: float | None
 
 
-def _probe_seconds(script: str, env: dict, runs: int, *args: str) -> list[float]:
-    times = []
-    for _ in range(runs):
-        done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"first-call probe failed:\n{done.stderr}")
-        times.append(float(done.stdout.split()[-1]))
-    return times
+def _probe_seconds(script: str, env: dict, *args: str) -> float:
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"first-call probe failed:\n{done.stderr}")
+    return float(done.stdout.split()[-1])
 
 
 def first_call_seconds(warm_runs: int = 5) -> FirstCall:
     """A fresh process's import + first fused float32 call: with an empty compile cache
     (compiling), then the median of ``warm_runs`` processes that load the cache the first one
     left; and the same median for Numba alone (import + one trivial cached function), the
-    floor under the warm figure that nbxent cannot go below. Where SciPy is installed, Numba
-    imports it on that first call (to look for BLAS): 0.25-0.3 s of the floor on our VM.
+    floor under the warm figure that nbxent cannot go below.
+
+    Where SciPy is installed, Numba imports it on that first call (to look for BLAS), which
+    nbxent does not need: 0.2-0.3 s of the floor on our VM. Then both warm figures are taken
+    once more with SciPy hidden, as on a machine without it. All warm probes alternate, so
+    that they see the same neighbours.
     """
+    scipy = importlib.util.find_spec("scipy") is not None
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         env.pop("NBXENT_NO_CACHE", None)
-        cold = _probe_seconds(_FIRST_CALL, env, 1)[0]
+        cold = _probe_seconds(_FIRST_CALL, env)
         with open(os.path.join(cache, "nbxent_numba_floor.py"), "w") as f:
             f.write(_NUMBA_FLOOR_MODULE)
-        _probe_seconds(_NUMBA_FLOOR, env, 1, cache)  # compiles the trivial function
-        warm, floor = [], []
-        for _ in range(warm_runs):  # alternated, so that both see the same neighbours
-            warm += _probe_seconds(_FIRST_CALL, env, 1)
-            floor += _probe_seconds(_NUMBA_FLOOR, env, 1, cache)
-    return FirstCall(cold, float(np.median(warm)), float(np.median(floor)))
+        _probe_seconds(_NUMBA_FLOOR, env, cache)  # compiles the trivial function
+        probes = {"warm": (_FIRST_CALL,), "numba_floor": (_NUMBA_FLOOR, cache)}
+        if scipy:
+            probes["warm_no_scipy"] = (_HIDE_SCIPY + _FIRST_CALL,)
+            probes["numba_floor_no_scipy"] = (_HIDE_SCIPY + _NUMBA_FLOOR, cache)
+        times = {name: [] for name in probes}
+        for _ in range(warm_runs):
+            for name, (script, *args) in probes.items():
+                times[name].append(_probe_seconds(script, env, *args))
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    return FirstCall(
+        cold, medians["warm"], medians["numba_floor"], medians.get("warm_no_scipy"), medians.get("numba_floor_no_scipy")
+    )

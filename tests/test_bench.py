@@ -3,6 +3,7 @@ floors it times do what they claim. (Speed is measured by running it, never asse
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import numpy as np
@@ -164,3 +165,17 @@ def test_first_call_probe_times_nbxent_and_numbas_floor():
     warm ones that load its cache, and Numba alone loading a trivial function."""
     first = bench.first_call_seconds(warm_runs=1)
     assert 0 < first.warm < first.cold and 0 < first.numba_floor < first.cold
+    if importlib.util.find_spec("scipy") is None:
+        assert first.warm_no_scipy is None and first.numba_floor_no_scipy is None
+    else:  # hidden, SciPy is not imported: both probes skip its 0.2-0.3 s (asserted only loosely)
+        assert 0 < first.warm_no_scipy < first.cold and 0 < first.numba_floor_no_scipy < first.cold
+
+
+def test_hidden_scipy_cannot_be_imported():
+    """The first-call probe's way of hiding SciPy does what it says."""
+    import subprocess
+    import sys
+
+    script = bench._HIDE_SCIPY + "import scipy.linalg.cython_blas"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr
