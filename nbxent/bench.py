@@ -5,9 +5,10 @@ Every figure is the median of several timed calls in this one process, after a w
 round, so that drift of a shared machine falls on the floors and on nbxent alike. The floor
 for a pass that reads the logits and writes a gradient is one parallel copy of the logits
 (rows split over the same threads as nbxent's: the same bytes read and written); for the
-loss alone it is one parallel read of the logits. ``np.copyto``, one thread, is shown too:
-on a 2-core machine it took 2.5x the parallel copy. On x86, so is a parallel copy with
-streaming stores, which write whole cache lines without reading them first (a plain store
+loss alone it is one parallel read of the logits. ``np.copyto``, one thread, is shown too
+(the floor issue 5 names): on this project's 2-core VM it has taken from 0.86x to 2.5x the
+parallel copy, by host and hour (its memcpy may stream large copies). On x86, so is a
+parallel copy with streaming stores, which write whole cache lines without reading them first (a plain store
 reads its line before writing it): less traffic than the floor's, 1.3-1.6x faster on this
 project's VM; nbxent's kernels do not use such stores (docs/cpu.md says why). Peers: a
 vectorized NumPy implementation and, when importable, PyTorch's ``F.cross_entropy``
