@@ -8,9 +8,10 @@ for a pass that reads the logits and writes a gradient is one parallel copy of t
 loss alone it is one parallel read of the logits. ``np.copyto``, one thread, is shown too
 (the floor issue 5 names): on this project's 2-core VM it has taken from 0.86x to 2.5x the
 parallel copy, by host and hour (its memcpy may stream large copies). On x86, so is a
-parallel copy with streaming stores, which write whole cache lines without reading them first (a plain store
-reads its line before writing it): less traffic than the floor's, 1.3-1.6x faster on this
-project's VM; nbxent's kernels do not use such stores (docs/cpu.md says why). Peers: a
+parallel copy with streaming stores, which write whole cache lines without reading them
+first (a plain store reads its line before writing it): less traffic than the floor's,
+1.3-1.6x faster on this project's VM; nbxent's kernels do not use such stores (docs/cpu.md
+says why). Peers: a
 vectorized NumPy implementation and, when importable, PyTorch's ``F.cross_entropy``
 forward+backward on the same thread count.
 """
@@ -308,7 +309,7 @@ print(time.perf_counter() - t0)
 """
 
 
-# Put first in a probe, it makes ``import scipy`` fail, as where SciPy is not installed.
+# Prepended to a probe's script, this makes ``import scipy`` fail, as where SciPy is not installed.
 _HIDE_SCIPY = "import sys; sys.modules['scipy'] = None\n"
 
 
