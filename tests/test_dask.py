@@ -336,12 +336,13 @@ def test_unvalidated_bad_target_gives_nan_row(chunking):
 
 @pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
 def test_unvalidated_huge_uint64_target_gives_nan_row(chunking):
-    """A uint64 target beyond int64 is clipped, not wrapped to a valid (or negative) class."""
+    """Unvalidated uint64 targets beyond int64 give NaN rows, as in memory (clipped to int64:
+    out of range), and leave the other rows alone."""
     rng = np.random.default_rng()
     logits, targets = make_case(rng)
     targets = np.where(targets < 0, 1, targets).astype(np.uint64)  # no ignored rows: -100 would wrap
     targets[2] = 2**64 - 1
-    targets[5] = 2**63 + 3  # would wrap to a negative int64
+    targets[5] = 2**63 + 3  # just beyond int64
     dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
     compare(logits, targets, dlogits, validate=False, reduction="none")
     loss = nxd.cross_entropy(dlogits, targets, validate=False, reduction="none").compute()
