@@ -179,3 +179,19 @@ def test_hidden_scipy_cannot_be_imported():
     script = bench._HIDE_SCIPY + "import scipy.linalg.cython_blas"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr
+
+
+@pytest.mark.parametrize("no_scipy", [(None, None), (0.45, 0.41)], ids=["scipy absent", "scipy hidden"])
+def test_bench_prints_the_first_call_line(no_scipy, monkeypatch, capsys):
+    """The first-call line carries every figure the probe returns (the probe itself is
+    tested above; here it is replaced by known figures so that the line can be checked)."""
+    first = bench.FirstCall(9.5, 0.81, 0.74, *no_scipy)
+    monkeypatch.setattr(bench, "first_call_seconds", lambda: first)
+    assert cli.main(["bench", "--shapes", "4x100", "--repeats", "1", "--no-torch", "--no-numpy"]) == 0
+    line = [row for row in capsys.readouterr().out.splitlines() if row.startswith("first call")]
+    assert len(line) == 1
+    assert "cold 9.50 s, warm 0.81 s" in line[0] and "floor under it" in line[0] and "0.74 s" in line[0]
+    if no_scipy[0] is None:
+        assert "SciPy" not in line[0]
+    else:
+        assert "with SciPy hidden" in line[0] and "warm 0.45 s, floor 0.41 s" in line[0]
