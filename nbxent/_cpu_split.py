@@ -75,6 +75,32 @@ def block_span(k, n_cols):
     return k * STATS_BLOCK, min((k + 1) * STATS_BLOCK, n_cols)
 
 
+@jit_serial
+def one_thread(m0, bs, big):
+    """Whether a row goes back to one thread (step 2 of ``xent_split``): it has no finite
+    reference max, or a block reached ``big`` (RESUM_AT), where the one-thread pass would have
+    raised its max and summed that block again."""
+    return not math.isfinite(m0) or np.any(bs >= big)
+
+
+@jit_serial
+def merged_row(like, bs, bsm, m0, v, cap, inv_cap, wt, w_sum, eps, z, scale, want_grad):
+    """Step 2 of ``xent_split`` and ``xent_split_16`` for one split row: its block sums ``bs``
+    and ``bsm`` added in block order (the one-thread pass's ``s`` and ``sm`` to the bit), its
+    target's capped logit from the raw one ``v``, its loss and lse, and with ``want_grad`` its
+    gradient factors. Returns ``(s, xt, loss, lse, a, b)`` in the dtype of ``like``."""
+    zero = as_dtype_of(like, 0)
+    s = zero
+    sm = zero
+    for k in range(bs.size):
+        s += bs[k]
+        sm += bsm[k]
+    xt = cap * fast_tanh(v * inv_cap) if cap > zero else v
+    loss, lse = row_loss(like, m0, s, sm, xt, wt, w_sum, eps, z)
+    a, b = grad_factors(like, s, lse, wt, w_sum, eps, z, scale) if want_grad else (zero, zero)
+    return s, xt, loss, lse, a, b
+
+
 @jit_kernel
 def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, loss, lse):
     """``_cpu.xent_range(0, n_rows, ...)`` (same arguments, out of place) with each row's
@@ -128,7 +154,7 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
             continue
         xr = x[x_off[i] : x_off[i] + n_cols]
         row_scale = scale[i] if want_grad else zero
-        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):
+        if one_thread(m0[i], bs[i], big):
             split[i] = False
             block_m = np.empty(n_blocks, x.dtype)
             gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else g[:0]
@@ -136,17 +162,10 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
                 xr, gr, False, tgt, w, w_sum, cap, eps, z, row_scale, want_grad, block_m, padded_ebuf(x), None, None, 0
             )
             continue
-        s = zero
-        sm = zero
-        for k in range(n_blocks):
-            s += bs[i, k]
-            sm += bsm[i, k]
-        v = xr[tgt]
-        xt[i] = cap * fast_tanh(v * inv_cap) if capped else v
         wt = w[tgt] if has_w else one
-        loss[i], lse[i] = row_loss(xr, m0[i], s, sm, xt[i], wt, w_sum, eps, z)
-        if want_grad:
-            a[i], b[i] = grad_factors(xr, s, lse[i], wt, w_sum, eps, z, row_scale)
+        _, xt[i], loss[i], lse[i], a[i], b[i] = merged_row(
+            xr, bs[i], bsm[i], m0[i], xr[tgt], cap, inv_cap, wt, w_sum, eps, z, row_scale, want_grad
+        )
     if not want_grad:
         return
     # 3. The gradient sweep of ``xent_row`` over each task's blocks (every block was summed
@@ -194,7 +213,7 @@ def normalize_split(parts, x, x_off, n_cols, mode, out, out_off, in_place, lse):
     s = np.zeros(n_rows, x.dtype)
     split = np.ones(n_rows, np.bool_)
     for i in range(n_rows):
-        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):  # one thread, as in memory
+        if one_thread(m0[i], bs[i], big):  # as in memory
             split[i] = False
             outr = out[out_off[i] : out_off[i] + n_cols] if mode != MODE_LSE else out[:0]
             lse[i] = normalize_row(x[x_off[i] : x_off[i] + n_cols], outr, in_place, mode, padded_ebuf(x))
@@ -274,7 +293,7 @@ def xent_split_16(
                 narrow_row(scratch[i], g[g_off[i] : g_off[i] + n_cols], half)
             continue
         xr = x[x_off[i] : x_off[i] + n_cols]
-        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):  # one thread, as in memory
+        if one_thread(m0[i], bs[i], big):
             split[i] = False
             block_m = np.empty(n_blocks, np.float32)
             ebuf = padded_ebuf(scratch)
@@ -290,18 +309,12 @@ def xent_split_16(
                     half,
                 )  # fmt: skip
             continue
-        si = zero
-        sm = zero
-        for k in range(n_blocks):
-            si += bs[i, k]
-            sm += bsm[i, k]
-        s[i] = si
-        v = np.float32(widen(xr[tgt], half))
-        xt[i] = cap * fast_tanh(v * inv_cap) if capped else v
         wt = w[tgt] if has_w else one
-        loss[i], lse[i] = row_loss(scratch[i], m0[i], si, sm, xt[i], wt, w_sum, eps, z)
-        if want_grad:
-            a[i], b[i] = grad_factors(scratch[i], si, lse[i], wt, w_sum, eps, z, scale[i])
+        row_scale = scale[i] if want_grad else zero
+        s[i], xt[i], loss[i], lse[i], a[i], b[i] = merged_row(
+            scratch[i], bs[i], bsm[i], m0[i], np.float32(widen(xr[tgt], half)), cap, inv_cap, wt, w_sum, eps, z,
+            row_scale, want_grad,
+        )  # fmt: skip
     if not want_grad:
         return
     # The sweep of ``xent_row`` for 16-bit rows: rescale and round each block, then redo the
@@ -365,7 +378,7 @@ def normalize_split_16(parts, x, x_off, n_cols, mode, out, out_off, half, lse):
     s = np.zeros(n_rows, np.float32)
     split = np.ones(n_rows, np.bool_)
     for i in range(n_rows):
-        if not math.isfinite(m0[i]) or np.any(bs[i] >= big):  # one thread, as in memory
+        if one_thread(m0[i], bs[i], big):  # as in memory
             split[i] = False
             lse[i] = normalize_row(scratch[i], scratch[i], True, mode, padded_ebuf(scratch))
             if mode != MODE_LSE:
