@@ -153,10 +153,11 @@ def bench(args: argparse.Namespace) -> str:
     ]
     if not args.no_first_call:
         progress("first call in a fresh process (cold compile, then warm cache)")
-        first = b.first_call_seconds()
+        runs = 5
+        first = b.first_call_seconds(runs)
         line = (
             f"first call in a new process (import + fused float32 call): cold {first.cold:.2f} s, warm "
-            f"{first.warm:.2f} s (median of 5); Numba's own floor under it (import + a trivial cached "
+            f"{first.warm:.2f} s (median of {runs}); Numba's own floor under it (import + a trivial cached "
             f"function) {first.numba_floor:.2f} s"
         )
         if first.warm_no_scipy is not None:

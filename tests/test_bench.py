@@ -186,11 +186,11 @@ def test_bench_prints_the_first_call_line(no_scipy, monkeypatch, capsys):
     """The first-call line carries every figure the probe returns (the probe itself is
     tested above; here it is replaced by known figures so that the line can be checked)."""
     first = bench.FirstCall(9.5, 0.81, 0.74, *no_scipy)
-    monkeypatch.setattr(bench, "first_call_seconds", lambda: first)
+    monkeypatch.setattr(bench, "first_call_seconds", lambda runs: first)
     assert cli.main(["bench", "--shapes", "4x100", "--repeats", "1", "--no-torch", "--no-numpy"]) == 0
     line = [row for row in capsys.readouterr().out.splitlines() if row.startswith("first call")]
     assert len(line) == 1
-    assert "cold 9.50 s, warm 0.81 s" in line[0] and "floor under it" in line[0] and "0.74 s" in line[0]
+    assert "cold 9.50 s, warm 0.81 s (median of 5)" in line[0] and "floor under it" in line[0] and "0.74 s" in line[0]
     if no_scipy[0] is None:
         assert "SciPy" not in line[0]
     else:
