@@ -619,7 +619,8 @@ def xent_row(
         return loss, lse
     # 2. The gradient, one sweep that writes each entry once (factors: ``grad_factors``).
     a, b = grad_factors(x, s, lse, wt, w_sum, eps, z, scale)
-    if store and capped and smooth:  # g holds the capped logits: one exp an entry, no tanh
+    # (A gradient always takes the storing pass, ``store`` above: g holds what it stored.)
+    if capped and smooth:  # g holds the capped logits: one exp an entry, no tanh
         if narrow_to is not None:
             for lo in range(0, x.size, STATS_BLOCK):
                 hi = min(lo + STATS_BLOCK, x.size)
@@ -629,7 +630,7 @@ def xent_row(
             narrow_to[tgt] = narrow_value(g_t - target_term(x, g[tgt], cap, inv_cap, scale, eps, wt), half)
             return loss, lse
         write_capped_grad(g, m, a, b, w, inv_cap)
-    elif store:
+    else:
         # g holds exp(x_j - m_k): block k is scaled by a exp(m_k - m). A 16-bit output is
         # rescaled and rounded in one sweep that reads the scratch and does not write it, so
         # its target entry is then redone from the scratch, rounded exactly as the float32
@@ -650,24 +651,16 @@ def xent_row(
             g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_w else b)
             narrow_to[tgt] = narrow_value(g_t - target_term(x, xt, cap, inv_cap, scale, eps, wt), half)
             return loss, lse
-    elif in_place:  # one array argument: LLVM sees no aliasing and vectorizes (3x here)
-        write_grad(g, g, m, a, b, w, cap)  # g is x: read through the writable name
-    else:
-        write_grad(x, g, m, a, b, w, cap)
     # 3. The target's own term -(1 - eps) w_t, with its soft-cap factor.
     g[tgt] -= target_term(x, xt, cap, inv_cap, scale, eps, wt)
-    if narrow_to is not None:
-        narrow_row(g, narrow_to, half)
     return loss, lse
 
 
 @jit_inline
 def write_grad(x, g, m, a, b, w, cap):
-    """``g_j = (a exp(xc_j - m) - b w_j) * dxc_j/dx_j``: the gradient sweep of ``xent_row``.
-
-    Inlined by Numba, so that a call with ``g`` the same variable as ``x`` compiles to a loop
-    over one pointer that LLVM vectorizes; with two pointers that may alias, it would add a
-    run-time overlap check and take a scalar loop whenever they do.
+    """``g_j = (a exp(xc_j - m) - b w_j) * dxc_j/dx_j``: the gradient sweep of a block that stored
+    nothing in its pass (``_cpu_vocab.grad_row``; ``xent_row`` rescales what its pass stored).
+    Inlined by Numba, as ``write_normalized``.
     """
     zero = as_dtype_of(x, 0)
     one = as_dtype_of(x, 1)
@@ -944,7 +937,11 @@ def xent_rows_16(tasks, n_rows, *args):
 @jit_inline
 def write_normalized(x, out, m, s, mode):
     """Softmax ``exp(x - m) / s`` or log-softmax ``(x - m) - log s`` of a row into ``out``:
-    relative to ``m`` (exact differences), not to the rounded lse. Inlined, as ``write_grad``."""
+    relative to ``m`` (exact differences), not to the rounded lse.
+
+    Inlined by Numba, so that the in-place call (``out`` passed as both) compiles to a loop
+    over one pointer that LLVM vectorizes; with two pointers that may alias, it would add a
+    run-time overlap check and take a scalar loop whenever they do."""
     if mode == MODE_SOFTMAX:
         inv_s = as_dtype_of(x, 1) / s
         for j in range(x.size):

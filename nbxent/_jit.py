@@ -48,7 +48,7 @@ jit_helper = functools.partial(numba.njit, fastmath=FASTMATH, **_OPTIONS)
 # into one FMA, which halves their instruction count and rounds once instead of twice.
 jit_poly = functools.partial(numba.njit, fastmath=FASTMATH | {"contract"}, **_OPTIONS)
 # Sweeps inlined by Numba itself (taking the caller's flags), so that a call passing the same
-# array twice compiles to a loop over one pointer (see ``_cpu.write_grad``).
+# array twice compiles to a loop over one pointer (see ``_cpu.write_normalized``).
 jit_inline = functools.partial(numba.njit, inline="always", fastmath=FASTMATH, **_OPTIONS)
 # Row functions, and the reduction sweeps.
 jit_serial = functools.partial(numba.njit, fastmath=FASTMATH, nogil=True, **_OPTIONS)
