@@ -115,7 +115,7 @@ def exp_f32(x):
     stays NaN. Larger x are outside its domain (up to 89 it gives inf, beyond that garbage).
 
     The kernels call it on ``x - max <= 0`` for every logit, so its length is the forward
-    pass's compute time: 14 vector instructions an entry, 9 of them FMAs. Leaving out the
+    pass's compute time: 13 vector instructions an entry, 9 of them FMAs. Leaving out the
     clamp at the top, which that domain never needs, made it 15% faster.
 
     1. Split x = n*ln2 + r with n = round(x / ln2) and |r| <= ln2/2: the FMA rounds
