@@ -93,6 +93,46 @@ class TestExp:
         assert ulp_error(got[kept], x[kept], np.exp).max() <= bound_nonpos
 
 
+exp_f64 = _elementwise(_jit.exp_f64, np.float64)
+
+
+class TestExpFloat64:
+    """``exp_f64`` against NumPy's exp in long double (80-bit on x86: 11 bits to spare), or in
+    float64 where long double is no wider."""
+
+    @staticmethod
+    def ulp_error_64(x):
+        wide = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+        want = np.exp(x.astype(np.longdouble)) if wide else np.exp(x)
+        got = exp_f64(x).astype(want.dtype)
+        return np.abs(got - want) / np.spacing(np.abs(want).astype(np.float64)).astype(want.dtype), wide
+
+    def test_within_1_ulp_over_its_domain(self):
+        rng = np.random.default_rng()
+        x = np.concatenate(
+            [
+                rng.uniform(-708.0, 709.0, 2_000_000),
+                -np.abs(rng.standard_normal(1_000_000) * 10),  # x - max <= 0, where the kernels call it
+                np.linspace(-708.0, 709.0, 1_000_001),
+                rng.uniform(-0.35, 0.35, 500_000),  # the polynomial alone (n = 0)
+            ]
+        )
+        err, wide = self.ulp_error_64(x)
+        assert err.max() <= (1.0 if wide else 1.5), x[np.argmax(err)]
+        assert err.mean() < 0.3
+
+    def test_special_values_and_the_flush(self):
+        x = np.array([-np.inf, np.nan, 0.0, -0.0, -708.5, -1e300, -708.1, -708.0, 709.0, 710.0])
+        got = exp_f64(x)
+        assert got[0] == 0.0  # masked logits get probability exactly 0
+        assert np.isnan(got[1])
+        assert got[2] == 1.0 and got[3] == 1.0
+        assert got[4] == 0.0 and got[5] == 0.0 and got[6] == 0.0  # below 2**-1021.5: flushed
+        assert got[7] > 0 and self.ulp_error_64(x[7:8])[0][0] <= 1.0  # exp(-708) = 3.3e-308 kept
+        assert np.isfinite(got[8]) and self.ulp_error_64(x[8:9])[0][0] <= 1.0
+        assert got[9] == np.inf
+
+
 def test_tanh_within_5_ulp_and_saturating():
     x = every_float32_between(-10.0, 10.0, 211)
     x = x[np.abs(x) > 1e-30]
