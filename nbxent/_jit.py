@@ -86,52 +86,34 @@ _EXP_P = tuple(
 )
 
 
-@intrinsic
-def f32_bits(typingctx, x):
-    """The bits of a float32 as an int32 (an LLVM bitcast: free, and vectorizable)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], context.get_value_type(types.int32))
-
-    return types.int32(types.float32), codegen
+# The integer type of each float's bits, and back.
+_BITS_OF = {types.float32: types.int32, types.float64: types.int64}
+_FLOAT_OF = {types.int32: types.float32, types.uint32: types.float32, types.int64: types.float64}
 
 
 @intrinsic
-def f32_from_bits(typingctx, x):
-    """The float32 whose bits are the given int32 (or uint32)."""
-    if x not in (types.int32, types.uint32):
+def float_bits(typingctx, x):
+    """The bits of a float32 (float64) as an int32 (int64): an LLVM bitcast, free and
+    vectorizable."""
+    if x not in _BITS_OF:
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return builder.bitcast(args[0], context.get_value_type(sig.return_type))
 
-    return types.float32(x), codegen
+    return _BITS_OF[x](x), codegen
 
 
 @intrinsic
-def f64_bits(typingctx, x):
-    """The bits of a float64 as an int64 (an LLVM bitcast: free, and vectorizable)."""
-    if x != types.float64:
+def float_from_bits(typingctx, x):
+    """The float32 whose bits are the given int32 or uint32; the float64 of an int64."""
+    if x not in _FLOAT_OF:
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], context.get_value_type(types.int64))
+        return builder.bitcast(args[0], context.get_value_type(sig.return_type))
 
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def f64_from_bits(typingctx, x):
-    """The float64 whose bits are the given int64."""
-    if x != types.int64:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float64))
-
-    return types.float64(types.int64), codegen
+    return _FLOAT_OF[x](x), codegen
 
 
 @jit_poly
@@ -168,7 +150,7 @@ def exp_f32(x):
     y = p * r + _F32(2.0)  # 2 + r (2 + r P) = 2 exp(r): no r**2, and 1.3 ulp instead of 1.7
     # bits(t) = bits(1.5 * 2**23) + n + 126, and bits(1.5 * 2**23) ends in 9 zero bits:
     # shifted left by 23, only n + 126 is left.
-    scale = f32_from_bits(np.int32(f32_bits(t) << 23))
+    scale = float_from_bits(np.int32(float_bits(t) << 23))
     return y * scale
 
 
@@ -201,7 +183,7 @@ def exp16_f32(x):
     p = p * r + c0
     p = p * r + _F32(2.0)
     y = p * r + _F32(2.0)
-    scale = f32_from_bits(np.int32(f32_bits(t) << 23))
+    scale = float_from_bits(np.int32(float_bits(t) << 23))
     return y * scale
 
 
@@ -266,7 +248,7 @@ def exp_f64(x):
     y = p * r + 2.0
     # bits(t) = bits(1.5 * 2**52) + n + 1022, and bits(1.5 * 2**52) ends in 48 zero bits:
     # shifted left by 52, only n + 1022 is left, in the exponent field.
-    return y * f64_from_bits(f64_bits(t) << 52)
+    return y * float_from_bits(float_bits(t) << 52)
 
 
 @jit_poly
@@ -514,14 +496,14 @@ def row_max(x):
 @jit_helper
 def sort_key(v):
     """An int32 that orders float32 values as they order (sign-magnitude to two's complement)."""
-    b = f32_bits(v)
+    b = float_bits(v)
     return np.int32(b ^ ((b >> 31) & np.int32(0x7FFFFFFF)))
 
 
 @jit_helper
 def from_sort_key(k):
     """The float32 whose ``sort_key`` is ``k`` (the map is its own inverse)."""
-    return f32_from_bits(np.int32(k ^ ((k >> 31) & np.int32(0x7FFFFFFF))))
+    return float_from_bits(np.int32(k ^ ((k >> 31) & np.int32(0x7FFFFFFF))))
 
 
 LOWEST_KEY = np.int32(-2147483648)
