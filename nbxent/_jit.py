@@ -3,7 +3,7 @@
 Numba 0.68 does not vectorize ``math.exp`` or ``math.tanh`` (Intel SVML support is gone),
 so the kernels use the polynomial versions below: plain arithmetic and bit casts that LLVM
 turns into SIMD code, 5-7x faster than a scalar ``math.exp`` loop for float32 and 4-6x for
-float64 (whose soft-capping still takes ``math.tanh``).
+float64.
 
 Fast-math flags are an explicit set: ``nnan`` and ``ninf`` are left out because the kernels
 must keep ``-inf`` (masked vocabulary) and NaN (a broken row) meaningful.
@@ -279,6 +279,30 @@ def tanh_f32(x):
     return _F32(-1.0) if x <= _F32(-9.0) else t
 
 
+# tanh_f64: Cephes' tanh for double (S. L. Moshier): below 0.625 a 5/6 rational in x, above
+# it 1 - 2 / (exp(2|x|) + 1), here with exp_f64.
+_TANH_P_64 = (-9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3)
+_TANH_Q_64 = (1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3)
+
+
+@jit_poly
+def tanh_f64(x):
+    """tanh(x) for float64 x, vectorizable: both of Cephes' branches computed and one selected
+    (a rational in x below |x| = 0.625, ``exp_f64`` above). Within a few ulp (tests/test_jit.py);
+    +-1 from |x| = 20 on, NaN stays NaN. ``math.tanh`` is a scalar libm call an entry."""
+    z = abs(x)
+    s = x * x
+    p0, p1, p2 = _TANH_P_64
+    q0, q1, q2 = _TANH_Q_64
+    p = (p0 * s + p1) * s + p2
+    q = ((s + q0) * s + q1) * s + q2
+    small = x + x * s * (p / q)
+    zc = 20.0 if z > 20.0 else z  # tanh(20) rounds to 1; a NaN passes and stays NaN
+    big = 1.0 - 2.0 / (exp_f64(2.0 * zc) + 1.0)
+    big = -big if x < 0.0 else big
+    return small if z < 0.625 else big
+
+
 def fast_exp(x):
     """exp in the accumulation type: the polynomials ``exp_f32`` and ``exp_f64`` (``x <= 88.7``
     and ``x <= 709``: the kernels pass ``x - max``, at most ``EXP_CLAMP``)."""
@@ -292,7 +316,7 @@ def fast_exp16(x):
 
 
 def fast_tanh(x):
-    """tanh in the accumulation type: the rational fit for float32, math.tanh for float64."""
+    """tanh in the accumulation type: ``tanh_f32`` and ``tanh_f64``."""
     return math.tanh(x)
 
 
@@ -314,7 +338,7 @@ def _fast_exp16_impl(x):
 def _fast_tanh_impl(x):
     if x == types.float32:
         return lambda x: tanh_f32(x)
-    return lambda x: math.tanh(x)
+    return lambda x: tanh_f64(x)
 
 
 # 16-bit storage formats. NumPy's float16 and ml_dtypes' bfloat16 arrays are viewed as

@@ -133,6 +133,28 @@ class TestExpFloat64:
         assert got[9] == np.inf
 
 
+tanh_f64 = _elementwise(_jit.tanh_f64, np.float64)
+
+
+def test_tanh_f64_within_2_ulp_and_saturating():
+    rng = np.random.default_rng()
+    x = np.concatenate(
+        [
+            rng.uniform(-25.0, 25.0, 1_000_000),
+            np.linspace(-3.0, 3.0, 1_000_001),  # both sides of the switch at 0.625
+            rng.uniform(-1e-3, 1e-3, 100_000),
+            np.geomspace(1e-300, 1.0, 100_000),
+        ]
+    )
+    wide = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+    want = np.tanh(x.astype(np.longdouble)) if wide else np.tanh(x)
+    err = np.abs(tanh_f64(x).astype(want.dtype) - want) / np.spacing(np.abs(want).astype(np.float64))
+    assert err.max() <= (2.0 if wide else 2.5), x[np.argmax(err)]
+    ends = tanh_f64(np.array([20.0, -20.0, np.inf, -np.inf, 1e300, 0.0]))
+    np.testing.assert_array_equal(ends, [1, -1, 1, -1, 1, 0])
+    assert np.isnan(tanh_f64(np.array([np.nan]))[0])
+
+
 def test_tanh_within_5_ulp_and_saturating():
     x = every_float32_between(-10.0, 10.0, 211)
     x = x[np.abs(x) > 1e-30]
