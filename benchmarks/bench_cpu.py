@@ -27,7 +27,7 @@ import numpy as np
 import nbxent as nx
 
 from . import _common
-from ._common import DTYPES, OPS, OPTIONS, SHAPES
+from ._common import BANDWIDTH_DTYPES, DTYPES, OPS, OPTIONS, SHAPES
 
 GRID = [SHAPES, DTYPES, OPTIONS, OPS]
 GRID_NAMES = ["shape", "dtype", "options", "op"]
@@ -290,7 +290,7 @@ class Bandwidth(_InPlaceInputs):
     exceed it since a pure read avoids the copy's write traffic.
     """
 
-    params = [SHAPES, DTYPES, ["forward", INTO_OUT, "forward+backward in place"]]
+    params = [SHAPES, BANDWIDTH_DTYPES, ["forward", INTO_OUT, "forward+backward in place"]]
     param_names = ["shape", "dtype", "op"]
     timeout = 300
 
