@@ -279,8 +279,8 @@ def tanh_f32(x):
     return _F32(-1.0) if x <= _F32(-9.0) else t
 
 
-# tanh_f64: Cephes' tanh for double (S. L. Moshier): below 0.625 a 5/6 rational in x, above
-# it 1 - 2 / (exp(2|x|) + 1), here with exp_f64.
+# tanh_f64: Cephes' tanh for double (S. L. Moshier): below |x| = 0.625 x + x**3 P(x**2) / Q(x**2)
+# with P of degree 2 and Q (monic) of degree 3, above it 1 - 2 / (exp(2|x|) + 1), with exp_f64.
 _TANH_P_64 = (-9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3)
 _TANH_Q_64 = (1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3)
 
