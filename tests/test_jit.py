@@ -38,6 +38,14 @@ def ulp_error(got, x, fn):
     return np.abs(got.astype(np.float64) - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
 
 
+def ulp_error_64(got, x, fn):
+    """``ulp_error`` for float64 results: against ``fn`` in long double (80-bit on x86: 11 bits
+    to spare), or in float64 where long double is no wider; returns ``(error, wide)``."""
+    wide = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+    want = fn(x.astype(np.longdouble)) if wide else fn(x)
+    return np.abs(got.astype(want.dtype) - want) / np.spacing(np.abs(want).astype(np.float64)).astype(want.dtype), wide
+
+
 def every_float32_between(lo, hi, step):
     """Every ``step``-th float32 in [lo, hi] by bit pattern: a dense sweep of all binades."""
     a, b = np.array([lo, hi], np.float32).view(np.int32)
@@ -97,15 +105,11 @@ exp_f64 = _elementwise(_jit.exp_f64, np.float64)
 
 
 class TestExpFloat64:
-    """``exp_f64`` against NumPy's exp in long double (80-bit on x86: 11 bits to spare), or in
-    float64 where long double is no wider."""
+    """``exp_f64`` against NumPy's exp in long double (``ulp_error_64``)."""
 
     @staticmethod
     def ulp_error_64(x):
-        wide = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
-        want = np.exp(x.astype(np.longdouble)) if wide else np.exp(x)
-        got = exp_f64(x).astype(want.dtype)
-        return np.abs(got - want) / np.spacing(np.abs(want).astype(np.float64)).astype(want.dtype), wide
+        return ulp_error_64(exp_f64(x), x, np.exp)
 
     def test_within_1_ulp_over_its_domain(self):
         rng = np.random.default_rng()
@@ -146,9 +150,7 @@ def test_tanh_f64_within_2_ulp_and_saturating():
             np.geomspace(1e-300, 1.0, 100_000),
         ]
     )
-    wide = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
-    want = np.tanh(x.astype(np.longdouble)) if wide else np.tanh(x)
-    err = np.abs(tanh_f64(x).astype(want.dtype) - want) / np.spacing(np.abs(want).astype(np.float64))
+    err, wide = ulp_error_64(tanh_f64(x), x, np.tanh)
     assert err.max() <= (2.0 if wide else 2.5), x[np.argmax(err)]
     ends = tanh_f64(np.array([20.0, -20.0, np.inf, -np.inf, 1e300, 0.0]))
     np.testing.assert_array_equal(ends, [1, -1, 1, -1, 1, 0])
