@@ -36,6 +36,8 @@ from ._cpu import (
     MODE_LSE,
     RESUM_AT,
     STATS_BLOCK,
+    block_exp_sum,
+    block_exp_sum16,
     block_store,
     block_store16,
     cap_max,
@@ -110,6 +112,7 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
     capped = cap > zero
     inv_cap = one / cap if capped else zero
     smooth = eps > zero
+    plain = not capped and not smooth
     has_w = w.size > 0
     want_grad = scale.size > 0
     big = as_dtype_of(x, RESUM_AT)
@@ -135,6 +138,9 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
         gr = g[g_off[i] : g_off[i] + n_cols] if want_grad else ebuf[:0]
         for k in range(k0, k1):
             lo, hi = block_span(k, n_cols)
+            if plain:  # (bsm stays 0)
+                bs[i, k] = block_exp_sum(xr[lo:hi], gr[lo:hi] if want_grad else ebuf[: hi - lo], m0[i], ebuf)
+                continue
             gb = gr[lo:hi] if want_grad else gr
             bs[i, k], bsm[i, k] = block_store(xr[lo:hi], gb, m0[i], w[lo:hi] if has_w else w, smooth, cap, ebuf)
     # 2. Per row: its sums in block order, its loss and gradient factors; or the whole row on
@@ -193,7 +199,6 @@ def normalize_split(parts, x, x_off, n_cols, mode, out, out_off, in_place, lse):
     """``_cpu.normalize_range(0, n_rows, ...)`` (same arguments) with each row's blocks in
     ``parts`` ranges over all threads: steps 1 and 2 of ``xent_split`` give the lse, and the
     softmax or log-softmax is written block by block. In place too: the sums store nothing."""
-    zero = as_dtype_of(x, 0)
     big = as_dtype_of(x, RESUM_AT)
     n_rows = lse.size
     n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
@@ -209,7 +214,7 @@ def normalize_split(parts, x, x_off, n_cols, mode, out, out_off, in_place, lse):
         xr = x[x_off[i] : x_off[i] + n_cols]
         for k in range(k0, k1):
             lo, hi = block_span(k, n_cols)
-            bs[i, k], _ = block_store(xr[lo:hi], ebuf[:0], m0[i], ebuf[:0], False, zero, ebuf)
+            bs[i, k] = block_exp_sum(xr[lo:hi], ebuf[: hi - lo], m0[i], ebuf)
     s = np.zeros(n_rows, x.dtype)
     split = np.ones(n_rows, np.bool_)
     for i in range(n_rows):
@@ -251,6 +256,7 @@ def xent_split_16(
     capped = cap > zero
     inv_cap = one / cap if capped else zero
     smooth = eps > zero
+    plain = not capped and not smooth
     has_w = w.size > 0
     want_grad = scale.size > 0
     claim = claim and want_grad
@@ -277,7 +283,10 @@ def xent_split_16(
             if claim:
                 zero_block(g[g_off[i] + lo : g_off[i] + hi])
             gb = scratch[i, lo:hi] if want_grad else ebuf[: hi - lo]
-            bs[i, k], bsm[i, k] = block_store16(xr[lo:hi], gb, m0[i], w[lo:hi] if has_w else w, smooth, half, cap)
+            if plain:  # (bsm stays 0)
+                bs[i, k] = block_exp_sum16(xr[lo:hi], gb, m0[i], half)
+            else:
+                bs[i, k], bsm[i, k] = block_store16(xr[lo:hi], gb, m0[i], w[lo:hi] if has_w else w, smooth, half, cap)
     a = np.empty(n_rows, np.float32)
     b = np.empty(n_rows, np.float32)
     s = np.empty(n_rows, np.float32)
@@ -354,7 +363,6 @@ def normalize_split_16(parts, x, x_off, n_cols, mode, out, out_off, half, lse):
     task widens its blocks into the row's float32 scratch and sums them, and rescales and
     rounds them into ``out`` at the end (in place too: the bits are read before any is
     written)."""
-    zero = np.float32(0)
     big = np.float32(RESUM_AT)
     n_rows = lse.size
     n_blocks = (n_cols + STATS_BLOCK - 1) // STATS_BLOCK
@@ -374,7 +382,7 @@ def normalize_split_16(parts, x, x_off, n_cols, mode, out, out_off, half, lse):
             sb = scratch[i][lo:hi]
             widen_row(x[x_off[i] + lo : x_off[i] + hi], sb, half)
             if math.isfinite(m0[i]):
-                bs[i, k], _ = block_store(sb, ebuf[:0], m0[i], ebuf[:0], False, zero, ebuf)
+                bs[i, k] = block_exp_sum(sb, ebuf[: hi - lo], m0[i], ebuf)
     s = np.zeros(n_rows, np.float32)
     split = np.ones(n_rows, np.bool_)
     for i in range(n_rows):
