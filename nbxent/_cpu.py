@@ -323,7 +323,8 @@ def block_store(x, g, m, w, smooth, cap, ebuf):
 def block_exp_sum(x, g, m, ebuf):
     """``block_store`` of one block of at most STATS_BLOCK plain float logits (no soft-cap, no
     smoothing): the same loop, storing its exps to ``g`` where that is far from ``x``, else to
-    ``ebuf`` and copied to ``g``; the loss alone passes ``ebuf`` itself as ``g``.
+    ``ebuf`` and copied to ``g``; the loss alone passes ``ebuf`` itself as ``g``. ``g`` must
+    hold ``x.size`` entries (unlike ``block_store``'s, it is never empty: nothing checks).
 
     The same loop gives the same bits; called once a block, the small function is what pays:
     ``block_store``'s call, with every variant's arguments and branches around it, took 9-13%
@@ -362,7 +363,7 @@ def block_store16(x, g, m, w, smooth, half, cap):
 @jit_reduce
 def block_exp_sum16(x, g, m, half):
     """``block_store16`` of one block of plain 16-bit logits (no soft-cap, no smoothing), in a
-    small function for the reason ``block_exp_sum`` gives."""
+    small function for the reason ``block_exp_sum`` gives; ``g`` holds ``x.size`` entries."""
     if half == HALF_BF16:
         return store_exp_sum(x, g, m, HALF_BF16)
     return store_exp_sum(x, g, m, HALF_F16)
