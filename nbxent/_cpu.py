@@ -313,7 +313,7 @@ def block_store(x, g, m, w, smooth, cap, ebuf):
         elif cap > zero:
             s += store_exp_sum_capped(x[c0:c1], dst, m, 0, cap)
         else:
-            s += store_exp_sum(x[c0:c1], dst, m, 0)
+            s += block_exp_sum(x[c0:c1], dst, m, ebuf)
         if g.size > 0 and not direct:
             copy_block(dst, g[c0:c1])
     return s, sm
@@ -358,9 +358,7 @@ def block_store16(x, g, m, w, smooth, half, cap):
         if half == HALF_BF16:
             return store_exp_sum_capped(x, g, m, HALF_BF16, cap), sm
         return store_exp_sum_capped(x, g, m, HALF_F16, cap), sm
-    if half == HALF_BF16:
-        return store_exp_sum(x, g, m, HALF_BF16), sm
-    return store_exp_sum(x, g, m, HALF_F16), sm
+    return block_exp_sum16(x, g, m, half), sm
 
 
 @jit_reduce
