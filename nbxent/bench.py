@@ -347,6 +347,11 @@ def first_call_seconds(warm_runs: int = 5) -> FirstCall:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         env.pop("NBXENT_NO_CACHE", None)
+        # Python's bytecode cache too, as any install has it (pip byte-compiles; a source or
+        # editable checkout writes it on the first import, the cold probe's): where the
+        # environment forbids writing it, every probe compiled nbxent's source (about 50 ms
+        # on our VM) while NumPy's and Numba's modules had theirs.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         cold = _probe_seconds(_FIRST_CALL, env)
         with open(os.path.join(cache, "nbxent_numba_floor.py"), "w") as f:
             f.write(_NUMBA_FLOOR_MODULE)
