@@ -208,11 +208,9 @@ def mean_divisor(xp, t, class_weight, ignore_index: int, n_classes: int) -> floa
     """The mean's divisor: the number of non-ignored rows, or the sum of their class weights
     (rows whose target is out of range, possible only with validate=False, count as weight 0).
     ``xp`` is the array namespace of ``t`` (NumPy here, CuPy for the linear loss on a GPU)."""
-    if class_weight is None:
-        if xp is np:
-            return float(_cpu.count_kept(t, ignore_index))
-        return float(xp.count_nonzero(t != ignore_index))
     kept = t != ignore_index
+    if class_weight is None:
+        return float(xp.count_nonzero(kept))
     in_range = kept & (t >= 0) & (t < n_classes)
     return float(xp.sum(class_weight.astype(np.float64)[xp.where(in_range, t, 0)] * in_range))
 
@@ -260,10 +258,12 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     # The kernels guard the range themselves (an unchecked bad target gives a NaN row), so
     # clipping to int64 here can never turn into an out-of-bounds read.
     t = _checks.int64_targets(np, targets.reshape(-1))
-    if validate:
-        _checks.check_target_range(targets, n_cols, opts.ignore_index, t)
+    if validate:  # the range check counts the kept targets too: the mean's divisor without weights
+        kept = _checks.check_target_range(targets, n_cols, opts.ignore_index, t)
+    else:
+        kept = _cpu.scan_targets(t, n_cols, opts.ignore_index)[1]
     n_rows = t.size
-    total_weight = mean_divisor(np, t, w if w.size else None, opts.ignore_index, n_cols)
+    total_weight = mean_divisor(np, t, w, opts.ignore_index, n_cols) if w.size else float(kept)
     if grad:
         scale = _row_scale(grad_output, opts.reduction, targets.shape, n_rows, total_weight, acc)
         result, g_buf, g_off, copy_back, in_place = _output(out, logits)
@@ -313,14 +313,14 @@ def normalize(logits, mode: int, out, *, stream):
         raise ValueError("stream= applies to GPU arrays only; these logits are a NumPy (CPU) array")
     logits = _as_logits(logits)
     n_cols = logits.shape[-1]
-    acc = acc_dtype(logits.dtype)
-    half = _half_code(logits.dtype)
-    lse = np.empty(int(np.prod(logits.shape[:-1], dtype=np.int64)), dtype=acc)
+    k = _constants(logits.dtype, n_cols, 0.0, 0.0, 0.0)
+    acc, half = k.acc, k.half
+    lse = np.empty(logits.size // n_cols, dtype=acc)  # V >= 1 (check_logits)
     x_buf, x_off = _rows_of(logits)
     if mode == MODE_LSE:
         result, copy_back, in_place = None, None, False
         # nothing is written: an empty stand-in (x_buf may be read-only)
-        o_buf, o_off = np.empty(0, dtype=x_buf.dtype), np.empty(0, np.int64)
+        o_buf, o_off = k.empty_bits, k.empty_off
     else:
         result, o_buf, o_off, copy_back, in_place = _output(out, logits)
     common = (x_buf, x_off, n_cols, mode, o_buf, o_off)

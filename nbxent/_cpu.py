@@ -748,25 +748,21 @@ def capped_narrow(g, out, m, a, b, w, inv_cap, half):
 
 
 @jit_serial
-def first_bad_target(t, n_cols, ignore_index):
-    """The index of the first target outside [0, V) that is not ``ignore_index``, -1 if none
-    (int64 targets): the search of ``_checks.check_target_range``."""
+def scan_targets(t, n_cols, ignore_index):
+    """``(first, kept)`` for int64 targets: the index of the first target outside [0, V) that
+    is not ``ignore_index`` (-1 if none), and how many are not ``ignore_index`` (the mean's
+    divisor without class weights). One loop for the range check of
+    ``_checks.check_target_range`` (0.4 us for a few targets, where the NumPy expression it
+    replaced took 5 us) and that count (NumPy's ``count_nonzero(t != ignore_index)``: 1.3 us)."""
+    first = -1
+    kept = 0
     for j in range(t.size):
         v = t[j]
-        if (v < 0 or v >= n_cols) and v != ignore_index:
-            return j
-    return -1
-
-
-@jit_serial
-def count_kept(t, ignore_index):
-    """How many targets are not ``ignore_index``: the mean's divisor without class weights
-    (``_backend_cpu.mean_divisor``; 0.5 us for a few targets, where NumPy's
-    ``count_nonzero(t != ignore_index)`` took 1.3)."""
-    n = 0
-    for j in range(t.size):
-        n += t[j] != ignore_index
-    return n
+        if v != ignore_index:
+            kept += 1
+            if first < 0 and (v < 0 or v >= n_cols):
+                first = j
+    return first, kept
 
 
 @jit_serial

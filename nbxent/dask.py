@@ -48,7 +48,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from . import _backend_cpu, _checks
 from ._backend_cpu import acc_dtype, launch, row_view
-from ._cpu import MODE_LSE, first_bad_target
+from ._cpu import MODE_LSE, scan_targets
 from ._cpu_vocab import chunk_grad, chunk_stats
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp"]
@@ -99,13 +99,13 @@ def _col0(block_info) -> int:
 
 def _targets_block(t, *, n_classes, ignore_index, validate, n_added, block_info=None):
     """Targets as int64, after the range check of ``_checks.check_target_range`` (its search,
-    ``first_bad_target``) when ``validate``; the error names the global position (without the
+    ``scan_targets``) when ``validate``; the error names the global position (without the
     ``n_added`` leading axes added to 0-d targets).
 
     Values beyond int64 are clipped, as the in-memory path does: they stay out of range.
     """
     flat = _checks.int64_targets(np, t.reshape(-1))
-    if validate and (bad := first_bad_target(flat, n_classes, ignore_index)) >= 0:
+    if validate and (bad := scan_targets(flat, n_classes, ignore_index)[0]) >= 0:
         local = np.unravel_index(bad, t.shape)
         starts = [start for start, _ in block_info[0]["array-location"]]
         position = tuple(int(s + k) for s, k in zip(starts, local, strict=True))[n_added:]

@@ -422,6 +422,33 @@ class TestCorners:
         assert loss[0] == pytest.approx(np.log(4)) and np.isnan(loss[1]) and np.isnan(loss[2])
         assert np.all(np.isnan(grad[1:])) and np.all(np.isfinite(grad[0]))
 
+    def test_mean_divides_by_the_kept_rows(self):
+        """'mean' divides by the targets that are not ignore_index, validated or not (the range
+        check counts them: ``_cpu.scan_targets``), calls of other dtypes and shapes between."""
+        from nbxent import _cpu
+
+        rng = np.random.default_rng()
+        for _ in range(20):
+            n, v = int(rng.integers(1, 40)), int(rng.integers(1, 50))
+            targets = rng.integers(0, v, n)
+            targets[rng.random(n) < 0.3] = -100
+            dtype = rng.choice([np.float32, np.float64])
+            logits = rng.standard_normal((n, v)).astype(dtype)
+            kept = int(np.count_nonzero(targets != -100))
+            rows = nx.cross_entropy(logits, targets, reduction="none").astype(np.float64)
+            for validate in (True, False):
+                mean = nx.cross_entropy(logits, targets, validate=validate)
+                if kept:
+                    assert mean == pytest.approx(rows.sum() / kept, rel=1e-6)
+                else:
+                    assert np.isnan(mean)
+            bad = targets.copy()
+            at = int(rng.integers(n))
+            bad[at] = v + 3 if at % 2 else -1  # out of range, unchecked: a NaN row that counts
+            assert np.isnan(nx.cross_entropy(logits, bad, validate=False))
+            assert _cpu.scan_targets(bad, v, -100) == (at, kept + (targets[at] == -100))
+            assert _cpu.scan_targets(targets, v, -100) == (-1, kept)
+
     def test_targets_of_any_integer_dtype(self):
         rng = np.random.default_rng()
         logits = rng.standard_normal((6, 200)).astype(np.float32)
