@@ -388,3 +388,32 @@ class FewRows:
 
     def time_few_rows(self, shape, op, threads):
         self.call()
+
+
+class ShortRows:
+    """Many rows of few logits (classification, V = 10 or 100), nbxent beside PyTorch on the
+    same threads. Such a row costs about 150 ns besides its logits (docs/cpu.md, "Many rows of
+    few logits"), and PyTorch was 1.9-4.3x faster at V = 10 when this was added: "torch" over
+    "nbxent" tracks that gap. "torch" is skipped where PyTorch is not installed."""
+
+    params = [
+        ["64x10"] if _common.QUICK else ["4096x10", "65536x10", "8192x100"],
+        ["forward", INTO_OUT],
+        ["nbxent", "torch"],
+    ]
+    param_names = ["shape", "op", "library"]
+    warmup_time = 0
+
+    def setup(self, shape, op, library):
+        logits = _common.cached_logits(shape, "float32")
+        targets = _common.make_targets(shape)
+        if library == "nbxent":
+            self.call = nbxent_call(op, logits, targets, {})
+        else:
+            torch = _common.import_torch()
+            self.call = torch_call(torch, op, _common.to_torch(logits, torch), torch.from_numpy(targets), {})
+        _common.warm_up_once((shape, op, library, "short rows"), self.call)
+        self.repeat = (10, 50, 1.0)
+
+    def time_short_rows(self, shape, op, library):
+        self.call()
