@@ -150,21 +150,23 @@ def row_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return as_strided(bits, shape=(span,), strides=(item,)), off
 
 
+# Above this many rows the arange is cheap beside the call, and not worth keeping.
+_SHARED_OFFSETS_MAX_ROWS = 4096
+
+
+def _arange_offsets(n_rows: int, n_cols: int) -> np.ndarray:
+    return np.arange(0, n_rows * n_cols, n_cols, dtype=np.int64)
+
+
+_shared_offsets = functools.lru_cache(maxsize=16)(_arange_offsets)
+
+
 def _row_offsets(n_rows: int, n_cols: int) -> np.ndarray:
     """``arange(n_rows) * n_cols``, remembered for a few row counts (a tiny call repeats its
     shape). The kernels only read offsets, so the remembered array is shared."""
-    if n_rows > _SHARED_OFFSETS_BELOW:
-        return np.arange(0, n_rows * n_cols, n_cols, dtype=np.int64)
-    return _shared_row_offsets(n_rows, n_cols)
-
-
-# Above this many rows the arange is cheap beside the call, and not worth keeping.
-_SHARED_OFFSETS_BELOW = 4096
-
-
-@functools.lru_cache(maxsize=16)
-def _shared_row_offsets(n_rows: int, n_cols: int) -> np.ndarray:
-    return np.arange(0, n_rows * n_cols, n_cols, dtype=np.int64)
+    if n_rows > _SHARED_OFFSETS_MAX_ROWS:
+        return _arange_offsets(n_rows, n_cols)
+    return _shared_offsets(n_rows, n_cols)
 
 
 def _rows_of(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
