@@ -267,7 +267,7 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     t = _checks.int64_targets(np, targets.reshape(-1))
     if validate:  # the range check counts the kept targets too: the mean's divisor without weights
         kept = _checks.check_target_range(targets, n_cols, opts.ignore_index, t)
-    else:
+    elif not w.size:  # (with weights the divisor is their sum, below: no count needed)
         kept = _cpu.scan_targets(t, n_cols, opts.ignore_index)[1]
     n_rows = t.size
     total_weight = mean_divisor(np, t, w, opts.ignore_index, n_cols) if w.size else float(kept)

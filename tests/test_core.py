@@ -442,6 +442,15 @@ class TestCorners:
                     assert mean == pytest.approx(rows.sum() / kept, rel=1e-6)
                 else:
                     assert np.isnan(mean)
+            weight = rng.uniform(0.5, 2.0, v)  # the divisor is then the kept rows' weight sum
+            kept_weight = weight[targets[targets != -100]].sum()
+            for validate in (True, False):
+                mean = nx.cross_entropy(logits, targets, weight=weight, validate=validate)
+                if kept:
+                    want = nx.cross_entropy(logits, targets, weight=weight, reduction="sum") / kept_weight
+                    assert mean == pytest.approx(want, rel=1e-6)
+                else:
+                    assert np.isnan(mean)
             bad = targets.copy()
             at = int(rng.integers(n))
             bad[at] = v + 3 if at % 2 else -1  # out of range, unchecked: a NaN row that counts
