@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _checks, _cpu, _cpu_split
+from . import _checks, _cpu, _cpu_short, _cpu_split
 from ._cpu import HALF_BF16, HALF_F16, MODE_LSE
 
 _LOCK = threading.Lock()
@@ -49,12 +49,17 @@ SERIAL_BELOW = 1 << 16
 # the log), where a logit costs 0.3-0.5 ns. Without it, 4096 rows of 10 logits ran on one
 # thread in 662 us where two took 324 us (the Zen 3 VM; docs/cpu.md "The fixed cost of a call").
 ROW_LOGITS = 512
+# The same for the kernels of short rows (``_cpu_short``), whose rows cost 20-30 ns besides
+# their logits, and whose logits cost more each (0.5-1 ns: short vectors): one thread was
+# faster up to about 2048 rows of 10 and 512 rows of 100 (docs/cpu.md).
+SHORT_ROW_LOGITS = 32
 
 
-def run_rows(kernel, range_fn, n_rows: int, n_cols: int, *args) -> None:
+def run_rows(kernel, range_fn, n_rows: int, n_cols: int, *args, row_logits: int = ROW_LOGITS) -> None:
     """Run ``range_fn(lo, hi, *args)`` over rows ``0:n_rows``: directly for small inputs, else
-    through the parallel ``kernel`` with a few row ranges per thread."""
-    small = n_rows * (n_cols + ROW_LOGITS) < SERIAL_BELOW
+    through the parallel ``kernel`` with a few row ranges per thread. A row counts as
+    ``row_logits`` logits more than it has."""
+    small = n_rows * (n_cols + row_logits) < SERIAL_BELOW
     if small or n_rows == 1 or (threads := numba.get_num_threads()) == 1:
         range_fn(0, n_rows, *args)
     else:
@@ -285,7 +290,16 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     w_sum = acc(np.sum(w, dtype=np.float64)) if w.size else k.n_cols
     common = (x_buf, x_off, n_cols, t, opts.ignore_index, w, w_sum, k.cap, k.eps, k.z, scale, g_buf, g_off)
     half = k.half
-    if half:
+    if n_cols <= _cpu_short.SHORT_COLS:  # chosen by V alone, so that the bits depend on nothing else
+        tiny = n_cols <= _cpu_short.TINY_COLS
+        if half:
+            args = (*common, half, loss_rows, lse)
+            kernel, range_fn = _cpu_short.KERNELS_16[tiny]
+        else:
+            args = (*common, in_place, loss_rows, lse)
+            kernel, range_fn = _cpu_short.KERNELS[tiny]
+        run_rows(kernel, range_fn, n_rows, n_cols, *args, row_logits=SHORT_ROW_LOGITS)
+    elif half:
         claim = grad and not in_place and _cpu.claims_output(n_cols)
         if (parts := split_parts(n_rows, n_cols)) > 1:
             launch(_cpu_split.xent_split_16, parts, *common, half, claim, loss_rows, lse)

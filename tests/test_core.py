@@ -949,3 +949,115 @@ def test_capped_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, dtype):
         assert s == ws and sm == wsm, f"call {i}, g {where}"
         if where != "none":
             assert np.array_equal(g, wg), f"call {i}, g {where}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Short rows (``_cpu_short``): rows of at most SHORT_COLS logits, and the tiny kernels that put
+# rows of at most TINY_COLS in SIMD lanes, in groups of TINY_GROUP rows.
+
+
+def short_lengths():
+    from nbxent import _cpu_short
+
+    tiny, short = _cpu_short.TINY_COLS, _cpu_short.SHORT_COLS
+    return [1, 2, 10, tiny, tiny + 1, 97, short, short + 1]
+
+
+def with_specials(rng, logits):
+    """Rows of special values in a batch of at least 8 rows: masked entries, a row of all
+    ``-inf``, a NaN, a ``+inf``, a large common offset each way."""
+    x = logits.astype(np.float64)
+    v = x.shape[-1]
+    x[0, rng.integers(0, v, max(1, v // 3))] = -np.inf
+    x[0, 0] = 0.5  # one entry left
+    x[1] = -np.inf
+    x[2, rng.integers(0, v)] = np.nan
+    x[3, rng.integers(0, v)] = np.inf
+    x[4] += 1e4
+    x[5] -= 1e4
+    return x.astype(logits.dtype)
+
+
+@pytest.mark.parametrize("n_cols", short_lengths())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_short_rows_match_reference(options, dtype, n_cols):
+    """More rows than a tiny group holds, and a last group short of full, against the float64
+    reference, with every option set."""
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (2 * 64 + 7, n_cols), dtype, n_ignored=5)
+    check(logits, targets, reduction="none", **resolve(options, rng, n_cols))
+    check(logits, targets, reduction="mean", grad_output=2.0, **resolve(options, rng, n_cols))
+
+
+@pytest.mark.parametrize("n_cols", short_lengths())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_short_kernels_agree_with_the_block_kernels(dtype, n_cols, monkeypatch):
+    """Special values (masked entries, all ``-inf``, NaN, ``+inf``, 1e4 offsets, ignored rows and
+    unchecked bad targets) come out of the short kernels as out of the block kernels of longer
+    rows: the same NaNs and infinities, the same numbers to rounding (16-bit: the block
+    kernels take a shorter exp, 5 ulp)."""
+    from nbxent import _cpu_short
+
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (70, n_cols), dtype, n_ignored=4)
+    logits = with_specials(rng, logits)
+    targets[6] = n_cols + 3  # unchecked: a NaN row
+    for opts in (
+        {},
+        {"label_smoothing": 0.1, "weight": "random", "z_loss": 1e-3},
+        {"softcap": 5.0},
+        OPTION_SETS["everything"],
+    ):
+        opts = resolve(opts, rng, n_cols)
+        results = []
+        for short, tiny in ((_cpu_short.SHORT_COLS, _cpu_short.TINY_COLS), (0, 0)):
+            monkeypatch.setattr(_cpu_short, "SHORT_COLS", short)
+            monkeypatch.setattr(_cpu_short, "TINY_COLS", tiny)
+            loss, grad = nx.cross_entropy_with_grad(logits, targets, reduction="none", validate=False, **opts)
+            results.append((loss.astype(np.float64), grad.astype(np.float64)))
+        (got_loss, got_grad), (want_loss, want_grad) = results
+        msg = f"V={n_cols} {sorted(opts)}"
+        rtol = {8: 1e-13, 4: 1e-5}.get(np.dtype(dtype).itemsize, 2.0**-7 if dtype != np.float16 else 2.0**-10)
+        for got, want in ((got_loss, want_loss), (got_grad, want_grad)):
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=msg)
+            np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want), err_msg=msg)
+            np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg=msg)
+            fin = np.isfinite(want)
+            atol = rtol * np.max(np.abs(want[fin]), initial=0.0)
+            np.testing.assert_allclose(got[fin], want[fin], rtol=rtol, atol=atol, err_msg=msg)
+
+
+@pytest.mark.parametrize("n_cols", short_lengths())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_short_rows_give_the_same_bits_every_way(dtype, n_cols):
+    """A short row's loss and gradient are the same bits alone or fused, in place or not, on
+    one thread or all, and wherever the row falls in the batch (which tiny group, which lane,
+    a last group short of full)."""
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, (3 * 64 + 5, n_cols), dtype, n_ignored=3)
+    logits = with_specials(rng, logits)
+    for opts in ({}, resolve(OPTION_SETS["everything"], rng, n_cols), {"softcap": 2.0, "label_smoothing": 0.2}):
+        msg = f"V={n_cols} {sorted(opts)}"
+        alone = nx.cross_entropy(logits, targets, reduction="none", **opts)
+        fused, grad = nx.cross_entropy_with_grad(logits, targets, reduction="none", **opts)
+        assert_same_loss(alone, fused, msg)
+        x = logits.copy()
+        in_place, _ = nx.cross_entropy_with_grad(x, targets, reduction="none", out=x, **opts)
+        np.testing.assert_array_equal(in_place.view(np.uint8), fused.view(np.uint8), err_msg=msg)
+        np.testing.assert_array_equal(x.view(np.uint8), grad.view(np.uint8), err_msg=msg)
+        shift = int(rng.integers(1, 64))
+        part, part_grad = nx.cross_entropy_with_grad(logits[shift:], targets[shift:], reduction="none", **opts)
+        assert_same_bits(part, fused[shift:], msg)
+        assert_same_bits(part_grad, grad[shift:], msg)
+        one, one_grad = nx.cross_entropy_with_grad(logits[7:8], targets[7:8], reduction="none", **opts)
+        assert_same_bits(one, fused[7:8], msg)
+        assert_same_bits(one_grad, grad[7:8], msg)
+        original = numba.get_num_threads()
+        try:
+            numba.set_num_threads(1)
+            serial, serial_grad = nx.cross_entropy_with_grad(logits, targets, reduction="none", **opts)
+        finally:
+            numba.set_num_threads(original)
+        np.testing.assert_array_equal(serial.view(np.uint8), fused.view(np.uint8), err_msg=msg)
+        np.testing.assert_array_equal(serial_grad.view(np.uint8), grad.view(np.uint8), err_msg=msg)

@@ -1,0 +1,418 @@
+"""Numba CPU kernels for short rows: cross-entropy of rows of at most SHORT_COLS logits.
+
+``_cpu.xent_range`` reads a row in blocks of STATS_BLOCK logits, through a dozen row and
+block functions that keep a long row in one pass over memory. A row of 10 logits paid all of
+that for a few entries: 167 ns a row on one thread, where a bare jitted loop that takes the
+max, the sum of exps and the log took 24 ns (65536 x 10 float32, the Zen 3 VM; docs/cpu.md
+"Many rows of few logits"). A short row is in L1 anyway, so here it takes plain sweeps
+instead, with no block logic:
+
+1. the (widened, soft-capped) logits ``xc`` into an L1 scratch row, and their max ``m``: the
+   true max, so no exp can overflow and no block is summed again;
+2. ``e_j = exp(xc_j - m)`` into a second scratch row, summed in the same loop, and the
+   smoothing sum ``sum_j w_j (m - xc_j)``;
+3. the loss and, for the fused call, the gradient ``(a e_j - b w_j) dxc_j/dx_j`` (the factors
+   and the derivation are ``_cpu.xent_row``'s) over the exps, the target's term after, and
+   the row written out (rounded to 16 bits for 16-bit logits).
+
+Two layouts of the same steps:
+
+- ``xent_short_*``, rows of up to SHORT_COLS: one row at a time, each sweep a vector loop
+  along the row;
+- ``xent_tiny_*``, rows of up to TINY_COLS: a group of rows at a time, transposed, so that
+  SIMD lanes hold rows and each sweep is a loop over the group for one entry. A row of 10
+  float32 logits fills no vector of 8 x 4 that LLVM's loops take, so along the row every
+  exp was scalar; across rows all are vectors (2.6x faster on one thread).
+
+Rows are read and written through their offsets, never as slices: a slice takes a reference
+to its array, an atomic add on a counter that every thread shares. The offsets are unsigned:
+a signed index is wrapped around when negative, and that select kept LLVM from vectorizing
+the loop (a row of 1000 copied 6.6x slower).
+
+The loss alone and the fused call run the same steps 1 and 2 (the exps are stored either
+way), and each row is copied to the scratch before its gradient is written, so the loss has
+the same bits alone, fused, in place or not. The scratch rows are allocated ``padded_ebuf``'s
+way, so LLVM's run-time overlap check of the exp loop always passes and its vector order is
+the one order. The tiny kernels take each row's max and sums entry by entry in order, in
+every lane, so a row's bits do not depend on its group or lane. Which kernel a call takes
+depends on V alone (``_backend_cpu``), so calls that differ only in rows, threads or the
+gradient give the same bits. Short rows never reach ``_cpu_split`` (a split row has at least
+two blocks of STATS_BLOCK).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._cpu import FAR_BYTES, grad_factors, narrow_value, row_loss, skip_value, smoothing_sum, target_term
+from ._jit import (
+    HALF_BF16,
+    as_dtype_of,
+    bf16_to_f32,
+    f16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+    fast_exp,
+    fast_tanh,
+    jit_inline,
+    jit_kernel,
+    jit_reduce,
+    jit_serial,
+    row_max,
+)
+
+# Rows of at most SHORT_COLS logits take these kernels, of at most TINY_COLS the tiny ones; a
+# tiny group holds up to TINY_GROUP rows. Measured (docs/cpu.md "Many rows of few logits").
+SHORT_COLS = 512
+TINY_COLS = 24
+TINY_GROUP = 64
+
+
+@jit_serial
+def padded_row(like, n):
+    """``n`` entries of ``like``'s dtype, FAR_BYTES into their allocation (``_cpu.padded_ebuf``)."""
+    pad = FAR_BYTES // like.itemsize
+    return np.empty(n + pad, like.dtype)[pad:]
+
+
+@jit_reduce
+def exp_sum(xc, e, m):
+    """``e_j = exp(xc_j - m)``, returning their sum (step 2). ``m`` is the row's max, so every
+    argument is at most 0, or NaN (a NaN entry, or ``inf - inf``), which the sum keeps."""
+    s = as_dtype_of(e, 0)
+    for j in range(xc.size):
+        v = fast_exp(xc[j] - m)
+        e[j] = v
+        s += v
+    return s
+
+
+@jit_inline
+def load_row(x, base, c, cap):
+    """``c_j = x[base + j]``, soft-capped ``cap tanh(x / cap)`` when ``cap > 0`` (step 1);
+    ``base`` unsigned (see the module's note)."""
+    if cap > as_dtype_of(c, 0):
+        inv_cap = as_dtype_of(c, 1) / cap
+        for j in range(np.uint64(c.size)):
+            c[j] = cap * fast_tanh(x[base + j] * inv_cap)
+    else:
+        for j in range(np.uint64(c.size)):
+            c[j] = x[base + j]
+
+
+@jit_inline
+def load_row_16(x, base, c, half, cap):
+    """``load_row`` of 16-bit bits (format ``half``), widened to float32; a constant format in
+    each loop gives one conversion an entry."""
+    if half == HALF_BF16:
+        for j in range(np.uint64(c.size)):
+            c[j] = bf16_to_f32(x[base + j])
+    else:
+        for j in range(np.uint64(c.size)):
+            c[j] = f16_to_f32(x[base + j])
+    if cap > as_dtype_of(c, 0):
+        inv_cap = as_dtype_of(c, 1) / cap
+        for j in range(c.size):
+            c[j] = cap * fast_tanh(c[j] * inv_cap)
+
+
+@jit_inline
+def short_row(c, e, tgt, w, w_sum, cap, eps, z, scale, want_grad):
+    """Loss and lse of one row of (capped, float) logits ``c`` whose target ``tgt`` is valid
+    (steps 2 and 3); with ``want_grad`` its gradient into ``e``, over the exps."""
+    zero = as_dtype_of(e, 0)
+    one = as_dtype_of(e, 1)
+    has_w = w.size > 0
+    m = row_max(c)
+    s = exp_sum(c, e, m)
+    sm = smoothing_sum(c, m, w, 0, e) if eps > zero else zero
+    xt = c[tgt]
+    wt = w[tgt] if has_w else one
+    loss, lse = row_loss(c, m, s, sm, xt, wt, w_sum, eps, z)
+    if not want_grad:
+        return loss, lse
+    a, b = grad_factors(c, s, lse, wt, w_sum, eps, z, scale)
+    capped = cap > zero
+    inv_cap = one / cap if capped else zero
+    if capped:  # times the cap's derivative, from the capped logits
+        for j in range(e.size):
+            r = c[j] * inv_cap
+            e[j] = (a * e[j] - (b * w[j] if has_w else b)) * (one - r * r)
+    elif has_w:
+        for j in range(e.size):
+            e[j] = a * e[j] - b * w[j]
+    else:
+        for j in range(e.size):
+            e[j] = a * e[j] - b
+    e[tgt] -= target_term(e, xt, cap, inv_cap, scale, eps, wt)
+    return loss, lse
+
+
+@jit_serial
+def xent_short_range(
+    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, in_place, loss, lse
+):
+    """``_cpu.xent_range`` (same arguments) for rows of at most SHORT_COLS float32/float64
+    logits. ``in_place`` needs no care here: each row is copied to the scratch before its
+    gradient is written."""
+    want_grad = scale.size > 0
+    c = padded_row(loss, n_cols)
+    e = padded_row(loss, n_cols)
+    for i in range(lo, hi):
+        tgt = targets[i]
+        fill = skip_value(tgt, ignore_index, n_cols)
+        if fill != -1.0:  # an ignored row (0) or a bad target (NaN)
+            loss[i] = fill
+            lse[i] = fill
+            if want_grad:
+                gbase = np.uint64(g_off[i])
+                for j in range(np.uint64(n_cols)):
+                    g[gbase + j] = fill
+            continue
+        load_row(x, np.uint64(x_off[i]), c, cap)
+        row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
+        loss[i], lse[i] = short_row(c, e, tgt, w, w_sum, cap, eps, z, row_scale, want_grad)
+        if want_grad:
+            gbase = np.uint64(g_off[i])
+            for j in range(np.uint64(n_cols)):
+                g[gbase + j] = e[j]
+
+
+@jit_serial
+def xent_short_range_16(
+    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, loss, lse
+):
+    """``xent_short_range`` for 16-bit bits (format ``half``): each row is widened into the
+    float32 scratch, and its gradient is computed in float32 and rounded as it is written."""
+    want_grad = scale.size > 0
+    c = padded_row(loss, n_cols)
+    e = padded_row(loss, n_cols)
+    for i in range(lo, hi):
+        tgt = targets[i]
+        fill = skip_value(tgt, ignore_index, n_cols)
+        if fill != -1.0:
+            loss[i] = fill
+            lse[i] = fill
+            if want_grad:
+                bits = narrow_value(fill, half)
+                gbase = np.uint64(g_off[i])
+                for j in range(np.uint64(n_cols)):
+                    g[gbase + j] = bits
+            continue
+        load_row_16(x, np.uint64(x_off[i]), c, half, cap)
+        row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
+        loss[i], lse[i] = short_row(c, e, tgt, w, w_sum, cap, eps, z, row_scale, want_grad)
+        if want_grad:
+            store_16(e, g, np.uint64(g_off[i]), half)
+
+
+@jit_inline
+def store_16(e, g, base, half):
+    """``g[base + j]`` = ``e_j`` rounded to 16 bits (format ``half``)."""
+    if half == HALF_BF16:
+        for j in range(np.uint64(e.size)):
+            g[base + j] = f32_to_bf16(np.float32(e[j]))
+    else:
+        for j in range(np.uint64(e.size)):
+            g[base + j] = f32_to_f16(np.float32(e[j]))
+
+
+@jit_kernel
+def xent_short_rows(tasks, n_rows, *args):
+    """``xent_short_range(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        xent_short_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+
+
+@jit_kernel
+def xent_short_rows_16(tasks, n_rows, *args):
+    """``xent_short_range_16(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        xent_short_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+
+
+@jit_serial
+def tiny_group(tt, e, n, n_cols, tgts, i0, ignore_index, w, w_sum, cap, eps, z, scale, loss, lse, like, lanes):
+    """Loss (and, with a non-empty ``scale``, gradient into ``e``) of rows ``i0 .. i0 + n`` of a
+    group, whose (widened) logits ``tt`` holds transposed: entry ``j`` of the group's row ``r``
+    at ``tt[j * R + r]``, ``R`` the group's stride (``tt.size // n_cols``).
+
+    The steps of ``short_row``, each a loop over the rows of the group for one entry ``j``:
+    SIMD lanes hold rows, so a row of 10 logits needs no vector remainder, and each row's max
+    and sums are taken entry by entry in order 0..V-1 in every lane, whatever the group, its
+    size or the lane: the bits depend on the row alone. ``lanes`` is scratch of 5 R entries, and
+    ``like`` any array of V entries in the accumulation dtype (for ``row_loss``).
+    """
+    zero = as_dtype_of(e, 0)
+    one = as_dtype_of(e, 1)
+    has_w = w.size > 0
+    capped = cap > zero
+    inv_cap = one / cap if capped else zero
+    stride = np.uint64(tt.size // n_cols)
+    rows = np.uint64(n)
+    m = lanes[:stride]
+    s = lanes[stride : 2 * stride]
+    sm = lanes[2 * stride : 3 * stride]
+    a = lanes[3 * stride : 4 * stride]
+    b = lanes[4 * stride : 5 * stride]
+    if capped:  # xc = cap tanh(x / cap), in place
+        for k in range(np.uint64(n_cols) * stride):
+            tt[k] = cap * fast_tanh(tt[k] * inv_cap)
+    # 1. the max (a NaN entry may or may not win it; the sum below is NaN either way)
+    for r in range(rows):
+        m[r] = tt[r]
+    for j in range(1, n_cols):
+        jb = np.uint64(j) * stride
+        for r in range(rows):
+            v = tt[jb + r]
+            m[r] = v if v > m[r] else m[r]
+    # 2. e = exp(xc - m) and its sum; the smoothing sum
+    for r in range(rows):
+        s[r] = zero
+        sm[r] = zero
+    for j in range(n_cols):
+        jb = np.uint64(j) * stride
+        for r in range(rows):
+            v = fast_exp(tt[jb + r] - m[r])
+            e[jb + r] = v
+            s[r] += v
+        if eps > zero:
+            wj = w[j] if has_w else one
+            for r in range(rows):
+                sm[r] += wj * (m[r] - tt[jb + r])
+    # 3. the loss, row by row
+    want_grad = scale.size > 0
+    for r in range(rows):
+        i = i0 + r
+        t = tgts[i]
+        fill = skip_value(t, ignore_index, n_cols)
+        if fill != -1.0:  # an ignored row (0) or a bad target (NaN): the caller fills its gradient
+            loss[i] = fill
+            lse[i] = fill
+            a[r] = zero
+            b[r] = zero
+            continue
+        xt = tt[np.uint64(t) * stride + r]
+        wt = w[t] if has_w else one
+        loss[i], lse[i] = row_loss(like, m[r], s[r], sm[r], xt, wt, w_sum, eps, z)
+        if want_grad:
+            a[r], b[r] = grad_factors(like, s[r], lse[i], wt, w_sum, eps, z, scale[i])
+    if not want_grad:
+        return
+    # 4. the gradient (a e_j - b w_j) dxc_j/dx_j, then each row's target term
+    for j in range(n_cols):
+        jb = np.uint64(j) * stride
+        wj = w[j] if has_w else one
+        if capped:
+            for r in range(rows):
+                q = tt[jb + r] * inv_cap
+                e[jb + r] = (a[r] * e[jb + r] - b[r] * wj) * (one - q * q)
+        else:
+            for r in range(rows):
+                e[jb + r] = a[r] * e[jb + r] - b[r] * wj
+    for r in range(rows):
+        i = i0 + r
+        t = tgts[i]
+        if skip_value(t, ignore_index, n_cols) == -1.0:
+            k = np.uint64(t) * stride + r
+            wt = w[t] if has_w else one
+            e[k] -= target_term(like, tt[k], cap, inv_cap, scale[i], eps, wt)
+
+
+@jit_serial
+def xent_tiny_range(
+    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, in_place, loss, lse
+):
+    """``_cpu.xent_range`` (same arguments) for rows of at most TINY_COLS float32/float64
+    logits, in groups of TINY_GROUP rows (``tiny_group``). Each group is read in full before
+    its gradient is written, so ``in_place`` needs no care."""
+    want_grad = scale.size > 0
+    group = min(TINY_GROUP, max(hi - lo, 1))
+    tt = padded_row(loss, group * n_cols)
+    e = padded_row(loss, group * n_cols)
+    lanes = np.empty(5 * group, loss.dtype)
+    like = np.empty(n_cols, loss.dtype)
+    stride = np.uint64(group)
+    for i0 in range(lo, hi, group):
+        n = min(group, hi - i0)
+        for r in range(n):  # the transpose: one scalar move an entry
+            base = np.uint64(x_off[i0 + r])
+            for j in range(np.uint64(n_cols)):
+                tt[j * stride + np.uint64(r)] = x[base + j]
+        tiny_group(tt, e, n, n_cols, targets, i0, ignore_index, w, w_sum, cap, eps, z, scale, loss, lse, like, lanes)
+        if not want_grad:
+            continue
+        for r in range(n):
+            base = np.uint64(g_off[i0 + r])
+            fill = skip_value(targets[i0 + r], ignore_index, n_cols)
+            if fill != -1.0:
+                for j in range(np.uint64(n_cols)):
+                    g[base + j] = fill
+            else:
+                for j in range(np.uint64(n_cols)):
+                    g[base + j] = e[j * stride + np.uint64(r)]
+
+
+@jit_serial
+def xent_tiny_range_16(
+    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, loss, lse
+):
+    """``xent_tiny_range`` for 16-bit bits (format ``half``), widened as they are moved into the
+    group and rounded as the gradient is moved out."""
+    want_grad = scale.size > 0
+    group = min(TINY_GROUP, max(hi - lo, 1))
+    tt = padded_row(loss, group * n_cols)
+    e = padded_row(loss, group * n_cols)
+    lanes = np.empty(5 * group, loss.dtype)
+    like = np.empty(n_cols, loss.dtype)
+    stride = np.uint64(group)
+    for i0 in range(lo, hi, group):
+        n = min(group, hi - i0)
+        for r in range(n):
+            base = np.uint64(x_off[i0 + r])
+            if half == HALF_BF16:
+                for j in range(np.uint64(n_cols)):
+                    tt[j * stride + np.uint64(r)] = bf16_to_f32(x[base + j])
+            else:
+                for j in range(np.uint64(n_cols)):
+                    tt[j * stride + np.uint64(r)] = f16_to_f32(x[base + j])
+        tiny_group(tt, e, n, n_cols, targets, i0, ignore_index, w, w_sum, cap, eps, z, scale, loss, lse, like, lanes)
+        if not want_grad:
+            continue
+        for r in range(n):
+            base = np.uint64(g_off[i0 + r])
+            fill = skip_value(targets[i0 + r], ignore_index, n_cols)
+            if fill != -1.0:
+                bits = narrow_value(fill, half)
+                for j in range(np.uint64(n_cols)):
+                    g[base + j] = bits
+            elif half == HALF_BF16:
+                for j in range(np.uint64(n_cols)):
+                    g[base + j] = f32_to_bf16(np.float32(e[j * stride + np.uint64(r)]))
+            else:
+                for j in range(np.uint64(n_cols)):
+                    g[base + j] = f32_to_f16(np.float32(e[j * stride + np.uint64(r)]))
+
+
+@jit_kernel
+def xent_tiny_rows(tasks, n_rows, *args):
+    """``xent_tiny_range(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        xent_tiny_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+
+
+@jit_kernel
+def xent_tiny_rows_16(tasks, n_rows, *args):
+    """``xent_tiny_range_16(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        xent_tiny_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+
+
+# (parallel kernel, its one-thread range function) by ``tiny``: ``_backend_cpu`` picks one.
+KERNELS = {False: (xent_short_rows, xent_short_range), True: (xent_tiny_rows, xent_tiny_range)}
+KERNELS_16 = {False: (xent_short_rows_16, xent_short_range_16), True: (xent_tiny_rows_16, xent_tiny_range_16)}
