@@ -1003,15 +1003,30 @@ def normalize_row(x, out, in_place, mode, ebuf):
     """lse of one row; with ``mode`` also its softmax or log-softmax written to ``out``
     (``ebuf``: ``padded_ebuf``'s scratch, for ``row_stats``).
 
-    A row of all ``-inf`` has lse ``-inf`` and a row holding ``+inf`` has lse ``+inf``, as
-    ``torch.logsumexp`` gives; their softmax is NaN, as ``torch.softmax`` gives.
+    The lse is ``row_lse``'s; the softmax of a row of all ``-inf`` or holding ``+inf`` is NaN,
+    as ``torch.softmax`` gives.
     """
     m, s, _ = row_stats(x, as_dtype_of(x, 0), x[:0], False, ebuf)
+    lse = row_lse(x, m, s)  # before an in-place write
     if in_place:
         write_normalized(out, out, m, s, mode)  # out is x: read through the writable name
     else:
         write_normalized(x, out, m, s, mode)
-    return m if math.isinf(m) else m + math.log(s)
+    return lse
+
+
+@jit_serial
+def row_lse(x, m, s):
+    """A row's lse from its max ``m`` (or a reference max, when finite) and ``s``, as
+    ``torch.logsumexp`` gives it: NaN for a row holding a NaN, ``m`` where that is infinite (a
+    row of all ``-inf``: ``-inf``; one holding ``+inf``: ``+inf``), else ``m + log s``. Only an
+    infinite ``m`` takes a look for NaN (a row max may skip a NaN: ``_jit.row_max``)."""
+    if not math.isinf(m):
+        return m + math.log(s)
+    for j in range(x.size):
+        if x[j] != x[j]:
+            return as_dtype_of(x, np.nan)
+    return m
 
 
 @jit_serial

@@ -42,10 +42,25 @@ two blocks of STATS_BLOCK).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
+from numba.core import types
 
-from ._cpu import FAR_BYTES, grad_factors, narrow_value, row_loss, skip_value, smoothing_sum, target_term
+from ._cpu import (
+    FAR_BYTES,
+    MODE_LOG_SOFTMAX,
+    MODE_LSE,
+    MODE_SOFTMAX,
+    grad_factors,
+    narrow_value,
+    row_loss,
+    row_lse,
+    skip_value,
+    smoothing_sum,
+    target_term,
+)
 from ._jit import (
     HALF_BF16,
     as_dtype_of,
@@ -59,7 +74,9 @@ from ._jit import (
     jit_kernel,
     jit_reduce,
     jit_serial,
+    overload_helper,
     row_max,
+    widen,
 )
 
 # Rows of at most SHORT_COLS logits take these kernels, of at most TINY_COLS the tiny ones; a
@@ -234,6 +251,28 @@ def xent_short_rows_16(tasks, n_rows, *args):
         xent_short_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
 
 
+@jit_inline
+def tiny_sums(tt, e, rows, n_cols, stride, m, s):
+    """Steps 1 and 2 over a transposed group (``tiny_group``): each row's max into ``m`` (a NaN
+    entry may or may not win it; the sum is NaN either way), ``e = exp(xc - m)`` and each
+    row's sum of it into ``s``, entry by entry in order 0..V-1 in every lane."""
+    for r in range(rows):
+        m[r] = tt[r]
+    for j in range(1, n_cols):
+        jb = np.uint64(j) * stride
+        for r in range(rows):
+            v = tt[jb + r]
+            m[r] = v if v > m[r] else m[r]
+    for r in range(rows):
+        s[r] = as_dtype_of(s, 0)
+    for j in range(n_cols):
+        jb = np.uint64(j) * stride
+        for r in range(rows):
+            v = fast_exp(tt[jb + r] - m[r])
+            e[jb + r] = v
+            s[r] += v
+
+
 @jit_serial
 def tiny_group(tt, e, n, n_cols, tgts, i0, ignore_index, w, w_sum, cap, eps, z, scale, loss, lse, like, lanes):
     """Loss (and, with a non-empty ``scale``, gradient into ``e``) of rows ``i0 .. i0 + n`` of a
@@ -261,25 +300,12 @@ def tiny_group(tt, e, n, n_cols, tgts, i0, ignore_index, w, w_sum, cap, eps, z, 
     if capped:  # xc = cap tanh(x / cap), in place
         for k in range(np.uint64(n_cols) * stride):
             tt[k] = cap * fast_tanh(tt[k] * inv_cap)
-    # 1. the max (a NaN entry may or may not win it; the sum below is NaN either way)
+    tiny_sums(tt, e, rows, n_cols, stride, m, s)  # steps 1 and 2
     for r in range(rows):
-        m[r] = tt[r]
-    for j in range(1, n_cols):
-        jb = np.uint64(j) * stride
-        for r in range(rows):
-            v = tt[jb + r]
-            m[r] = v if v > m[r] else m[r]
-    # 2. e = exp(xc - m) and its sum; the smoothing sum
-    for r in range(rows):
-        s[r] = zero
         sm[r] = zero
-    for j in range(n_cols):
-        jb = np.uint64(j) * stride
-        for r in range(rows):
-            v = fast_exp(tt[jb + r] - m[r])
-            e[jb + r] = v
-            s[r] += v
-        if eps > zero:
+    if eps > zero:  # the smoothing sum
+        for j in range(n_cols):
+            jb = np.uint64(j) * stride
             wj = w[j] if has_w else one
             for r in range(rows):
                 sm[r] += wj * (m[r] - tt[jb + r])
@@ -322,79 +348,72 @@ def tiny_group(tt, e, n, n_cols, tgts, i0, ignore_index, w, w_sum, cap, eps, z, 
             e[k] -= target_term(like, tt[k], cap, inv_cap, scale[i], eps, wt)
 
 
+def stored(g, v, half):
+    """``v`` as an entry of ``g``: rounded to 16-bit bits in format ``half`` where ``g`` holds
+    such bits (uint16), else ``v`` itself."""
+    return v
+
+
+@overload_helper(stored)
+def _stored_impl(g, v, half):
+    if g.dtype == types.uint16:
+        return lambda g, v, half: narrow_value(v, half)
+    return lambda g, v, half: v
+
+
+@jit_inline
+def load_group(x, x_off, i0, n, n_cols, tt, half):
+    """Rows ``i0 .. i0 + n`` of ``x`` (floats, or 16-bit bits in format ``half``, widened) into
+    ``tt``, transposed: entry ``j`` of row ``i0 + r`` at ``tt[j * R + r]``, ``R`` the group's
+    stride (``tt.size // n_cols``). One scalar move an entry."""
+    stride = np.uint64(tt.size // n_cols)
+    for r in range(n):
+        base = np.uint64(x_off[i0 + r])
+        lane = np.uint64(r)
+        for j in range(np.uint64(n_cols)):
+            tt[j * stride + lane] = widen(x[base + j], half)
+
+
+@jit_inline
+def store_group(e, g, g_off, i0, n, n_cols, half):
+    """``load_group`` back: the group's rows of ``e`` (transposed) into rows ``i0 .. i0 + n`` of
+    ``g`` (rounded to 16 bits in format ``half`` where ``g`` holds bits)."""
+    stride = np.uint64(e.size // n_cols)
+    for r in range(n):
+        base = np.uint64(g_off[i0 + r])
+        lane = np.uint64(r)
+        for j in range(np.uint64(n_cols)):
+            g[base + j] = stored(g, e[j * stride + lane], half)
+
+
 @jit_serial
 def xent_tiny_range(
-    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, in_place, loss, lse
-):
-    """``_cpu.xent_range`` (same arguments) for rows of at most TINY_COLS float32/float64
-    logits, in groups of TINY_GROUP rows (``tiny_group``). Each group is read in full before
-    its gradient is written, so ``in_place`` needs no care."""
-    want_grad = scale.size > 0
-    group = min(TINY_GROUP, max(hi - lo, 1))
-    tt = padded_row(loss, group * n_cols)
-    e = padded_row(loss, group * n_cols)
-    lanes = np.empty(5 * group, loss.dtype)
-    like = np.empty(n_cols, loss.dtype)
-    stride = np.uint64(group)
-    for i0 in range(lo, hi, group):
-        n = min(group, hi - i0)
-        for r in range(n):  # the transpose: one scalar move an entry
-            base = np.uint64(x_off[i0 + r])
-            for j in range(np.uint64(n_cols)):
-                tt[j * stride + np.uint64(r)] = x[base + j]
-        tiny_group(tt, e, n, n_cols, targets, i0, ignore_index, w, w_sum, cap, eps, z, scale, loss, lse, like, lanes)
-        if not want_grad:
-            continue
-        for r in range(n):
-            base = np.uint64(g_off[i0 + r])
-            fill = skip_value(targets[i0 + r], ignore_index, n_cols)
-            if fill != -1.0:
-                for j in range(np.uint64(n_cols)):
-                    g[base + j] = fill
-            else:
-                for j in range(np.uint64(n_cols)):
-                    g[base + j] = e[j * stride + np.uint64(r)]
-
-
-@jit_serial
-def xent_tiny_range_16(
     lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, loss, lse
 ):
-    """``xent_tiny_range`` for 16-bit bits (format ``half``), widened as they are moved into the
-    group and rounded as the gradient is moved out."""
+    """``_cpu.xent_range`` for rows of at most TINY_COLS logits, in groups of TINY_GROUP rows
+    (``tiny_group``): floats (``half`` 0) or 16-bit bits in format ``half``, widened to float32
+    as they are moved into the group and rounded as the gradient is moved out. Each group is
+    read in full before its gradient is written, so a gradient in place needs no care."""
     want_grad = scale.size > 0
     group = min(TINY_GROUP, max(hi - lo, 1))
     tt = padded_row(loss, group * n_cols)
     e = padded_row(loss, group * n_cols)
     lanes = np.empty(5 * group, loss.dtype)
     like = np.empty(n_cols, loss.dtype)
-    stride = np.uint64(group)
     for i0 in range(lo, hi, group):
         n = min(group, hi - i0)
-        for r in range(n):
-            base = np.uint64(x_off[i0 + r])
-            if half == HALF_BF16:
-                for j in range(np.uint64(n_cols)):
-                    tt[j * stride + np.uint64(r)] = bf16_to_f32(x[base + j])
-            else:
-                for j in range(np.uint64(n_cols)):
-                    tt[j * stride + np.uint64(r)] = f16_to_f32(x[base + j])
+        load_group(x, x_off, i0, n, n_cols, tt, half)
         tiny_group(tt, e, n, n_cols, targets, i0, ignore_index, w, w_sum, cap, eps, z, scale, loss, lse, like, lanes)
         if not want_grad:
             continue
-        for r in range(n):
-            base = np.uint64(g_off[i0 + r])
-            fill = skip_value(targets[i0 + r], ignore_index, n_cols)
+        store_group(e, g, g_off, i0, n, n_cols, half)
+        for i in range(i0, i0 + n):  # ignored rows (0) and bad targets (NaN) filled over
+            fill = skip_value(targets[i], ignore_index, n_cols)
             if fill != -1.0:
-                bits = narrow_value(fill, half)
+                bits = stored(g, as_dtype_of(loss, fill), half)
+                base = np.uint64(g_off[i])
                 for j in range(np.uint64(n_cols)):
                     g[base + j] = bits
-            elif half == HALF_BF16:
-                for j in range(np.uint64(n_cols)):
-                    g[base + j] = f32_to_bf16(np.float32(e[j * stride + np.uint64(r)]))
-            else:
-                for j in range(np.uint64(n_cols)):
-                    g[base + j] = f32_to_f16(np.float32(e[j * stride + np.uint64(r)]))
 
 
 @jit_kernel
@@ -405,14 +424,119 @@ def xent_tiny_rows(tasks, n_rows, *args):
         xent_tiny_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
 
 
+# The normalizations of short rows (``_cpu.normalize_range`` for long ones): the same steps 1
+# and 2, then the lse of each row and, by ``mode``, its softmax ``e_j / s`` or log-softmax
+# ``(x_j - m) - log s`` written out. The lse is ``_cpu.row_lse``'s (NaN for a row holding a
+# NaN, -inf for one of all -inf, +inf for one holding +inf); the softmax of the last two is
+# NaN (``torch.softmax``).
+
+
+@jit_inline
+def short_normal(c, e, mode):
+    """lse of one row of float logits ``c``; its softmax or log-softmax (``mode``) into ``e``."""
+    m = row_max(c)
+    s = exp_sum(c, e, m)
+    if mode == MODE_SOFTMAX:
+        inv_s = as_dtype_of(e, 1) / s
+        for j in range(e.size):
+            e[j] *= inv_s
+    elif mode == MODE_LOG_SOFTMAX:
+        log_s = math.log(s)
+        for j in range(e.size):
+            e[j] = (c[j] - m) - log_s
+    return row_lse(c, m, s)
+
+
+@jit_serial
+def normalize_short_range(lo, hi, x, x_off, n_cols, mode, out, out_off, in_place, lse):
+    """``_cpu.normalize_range`` (same arguments) for rows of at most SHORT_COLS float logits;
+    each row is copied to the scratch first, so ``in_place`` needs no care."""
+    c = padded_row(lse, n_cols)
+    e = padded_row(lse, n_cols)
+    for i in range(lo, hi):
+        load_row(x, np.uint64(x_off[i]), c, as_dtype_of(lse, 0))
+        lse[i] = short_normal(c, e, mode)
+        if mode != MODE_LSE:
+            base = np.uint64(out_off[i])
+            for j in range(np.uint64(n_cols)):
+                out[base + j] = e[j]
+
+
+@jit_serial
+def normalize_short_range_16(lo, hi, x, x_off, n_cols, mode, out, out_off, half, lse):
+    """``normalize_short_range`` for 16-bit bits (format ``half``), through the float32 scratch."""
+    c = padded_row(lse, n_cols)
+    e = padded_row(lse, n_cols)
+    for i in range(lo, hi):
+        load_row_16(x, np.uint64(x_off[i]), c, half, as_dtype_of(lse, 0))
+        lse[i] = short_normal(c, e, mode)
+        if mode != MODE_LSE:
+            store_16(e, out, np.uint64(out_off[i]), half)
+
+
+@jit_serial
+def normalize_tiny_range(lo, hi, x, x_off, n_cols, mode, out, out_off, half, lse):
+    """``_cpu.normalize_range`` for rows of at most TINY_COLS logits, floats (``half`` 0) or
+    16-bit bits in format ``half``, in transposed groups as ``xent_tiny_range``."""
+    group = min(TINY_GROUP, max(hi - lo, 1))
+    tt = padded_row(lse, group * n_cols)
+    e = padded_row(lse, group * n_cols)
+    lanes = np.empty(2 * group, lse.dtype)
+    stride = np.uint64(group)
+    m = lanes[:stride]
+    s = lanes[stride:]
+    one = as_dtype_of(lse, 1)
+    for i0 in range(lo, hi, group):
+        n = min(group, hi - i0)
+        rows = np.uint64(n)
+        load_group(x, x_off, i0, n, n_cols, tt, half)
+        tiny_sums(tt, e, rows, n_cols, stride, m, s)
+        for r in range(n):
+            lse[i0 + r] = m[r] + math.log(s[r])
+            if math.isinf(m[r]):  # ``_cpu.row_lse``: m, or NaN for a row holding a NaN
+                lse[i0 + r] = m[r]
+                for j in range(n_cols):
+                    v = tt[j * group + r]
+                    if v != v:
+                        lse[i0 + r] = v
+        if mode == MODE_LSE:
+            continue
+        if mode == MODE_SOFTMAX:
+            for r in range(rows):
+                s[r] = one / s[r]
+            for j in range(n_cols):
+                jb = np.uint64(j) * stride
+                for r in range(rows):
+                    e[jb + r] *= s[r]
+        else:
+            for r in range(rows):
+                s[r] = math.log(s[r])
+            for j in range(n_cols):
+                jb = np.uint64(j) * stride
+                for r in range(rows):
+                    e[jb + r] = (tt[jb + r] - m[r]) - s[r]
+        store_group(e, out, out_off, i0, n, n_cols, half)
+
+
 @jit_kernel
-def xent_tiny_rows_16(tasks, n_rows, *args):
-    """``xent_tiny_range_16(lo, hi, *args)`` over all rows, in parallel."""
+def normalize_short_rows(tasks, n_rows, *args):
+    """``normalize_short_range(lo, hi, *args)`` over all rows, in parallel."""
     per_task = (n_rows + tasks - 1) // max(tasks, 1)
     for task in numba.prange(tasks):
-        xent_tiny_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+        normalize_short_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
 
 
-# (parallel kernel, its one-thread range function) by ``tiny``: ``_backend_cpu`` picks one.
-KERNELS = {False: (xent_short_rows, xent_short_range), True: (xent_tiny_rows, xent_tiny_range)}
-KERNELS_16 = {False: (xent_short_rows_16, xent_short_range_16), True: (xent_tiny_rows_16, xent_tiny_range_16)}
+@jit_kernel
+def normalize_short_rows_16(tasks, n_rows, *args):
+    """``normalize_short_range_16(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        normalize_short_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
+
+
+@jit_kernel
+def normalize_tiny_rows(tasks, n_rows, *args):
+    """``normalize_tiny_range(lo, hi, *args)`` over all rows, in parallel."""
+    per_task = (n_rows + tasks - 1) // max(tasks, 1)
+    for task in numba.prange(tasks):
+        normalize_tiny_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)

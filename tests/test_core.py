@@ -1061,3 +1061,73 @@ def test_short_rows_give_the_same_bits_every_way(dtype, n_cols):
             numba.set_num_threads(original)
         np.testing.assert_array_equal(serial.view(np.uint8), fused.view(np.uint8), err_msg=msg)
         np.testing.assert_array_equal(serial_grad.view(np.uint8), grad.view(np.uint8), err_msg=msg)
+
+
+NORMALIZATIONS = {"logsumexp": nx.logsumexp, "softmax": nx.softmax, "log_softmax": nx.log_softmax}
+
+
+@pytest.mark.parametrize("n_cols", short_lengths())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_short_rows_normalized(dtype, n_cols, monkeypatch):
+    """``logsumexp``, softmax and log-softmax of short rows: the float64 reference on finite
+    rows; on special values the block kernels' NaNs and infinities (an all ``-inf`` row has lse
+    ``-inf``, a ``+inf`` one ``+inf``, their softmax NaN) and their numbers to rounding; the
+    same bits in place and out, on one thread or all, wherever a row falls in the batch."""
+    from nbxent import _cpu_short
+
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((2 * 64 + 7, n_cols)) * 4).astype(dtype)
+    x64 = x.astype(np.float64)
+    rtol = {8: 1e-12, 4: 2e-6}.get(np.dtype(dtype).itemsize, 2.0**-7 if dtype != np.float16 else 2.0**-10)
+    lse_tol = 1e-12 if dtype == np.float64 else 2e-6  # absolute too: an lse near 0 is m + log s
+    np.testing.assert_allclose(nx.logsumexp(x), ref.logsumexp(x64), rtol=lse_tol, atol=lse_tol)
+    np.testing.assert_allclose(nx.softmax(x).astype(np.float64), ref.softmax(x64), atol=rtol)
+    np.testing.assert_allclose(nx.log_softmax(x).astype(np.float64), ref.log_softmax(x64), rtol=rtol, atol=rtol * 10)
+    x = with_specials(rng, x)
+    for name, fn in NORMALIZATIONS.items():
+        msg = f"{name} V={n_cols}"
+        got = fn(x)
+        with monkeypatch.context() as patch:
+            patch.setattr(_cpu_short, "SHORT_COLS", 0)
+            patch.setattr(_cpu_short, "TINY_COLS", 0)
+            want = fn(x)
+        got64, want64 = got.astype(np.float64), want.astype(np.float64)
+        np.testing.assert_array_equal(np.isnan(got64), np.isnan(want64), err_msg=msg)
+        np.testing.assert_array_equal(np.isinf(got64), np.isinf(want64), err_msg=msg)
+        fin = np.isfinite(want64)
+        np.testing.assert_allclose(got64[fin], want64[fin], rtol=rtol, atol=rtol * 10, err_msg=msg)
+        shift = int(rng.integers(1, 64))
+        assert_same_bits(fn(x[shift:]), got[shift:], msg)
+        assert_same_bits(fn(x[7:8]), got[7:8], msg)
+        original = numba.get_num_threads()
+        try:
+            numba.set_num_threads(1)
+            assert_same_bits(fn(x), got, msg)
+        finally:
+            numba.set_num_threads(original)
+        if name != "logsumexp":
+            y = x.copy()
+            assert fn(y, out=y) is y
+            np.testing.assert_array_equal(y.view(np.uint8), got.view(np.uint8), err_msg=msg)
+    lse = nx.logsumexp(x)
+    assert lse[1] == -np.inf and lse[3] == np.inf and np.isnan(lse[2])
+    assert np.all(np.isnan(nx.softmax(x)[1].astype(np.float32)))
+
+
+@pytest.mark.parametrize("n_cols", [1, 5, 45, 4005])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_logsumexp_of_special_rows_is_torchs(dtype, n_cols):
+    """``torch.logsumexp``: NaN for a row holding a NaN (beside ``+inf`` or masked entries too),
+    ``+inf`` for a row holding ``+inf``, ``-inf`` for a row of all ``-inf``; for every kernel
+    (tiny, short, block rows). Until the sixteenth session a float64 row [NaN] (or NaN and
+    ``-inf`` alone) got ``-inf``: its max skipped the NaN, and an infinite max was the lse."""
+    x = np.zeros((5, n_cols), np.float64)
+    x[0, 0] = np.nan
+    x[1, -1] = np.inf
+    x[2] = -np.inf
+    x[3] = -np.inf
+    x[3, -1] = np.nan
+    x[4, -1] = np.nan
+    x[4, 0] = np.inf
+    want = [np.nan, np.inf, -np.inf, np.nan, np.nan] if n_cols > 1 else [np.nan, np.inf, -np.inf, np.nan, np.inf]
+    np.testing.assert_array_equal(nx.logsumexp(x.astype(dtype)), want)
