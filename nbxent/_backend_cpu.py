@@ -291,16 +291,8 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     common = (x_buf, x_off, n_cols, t, opts.ignore_index, w, w_sum, k.cap, k.eps, k.z, scale, g_buf, g_off)
     half = k.half
     if n_cols <= _cpu_short.SHORT_COLS:  # chosen by V alone, so that the bits depend on nothing else
-        tiny = n_cols <= _cpu_short.TINY_COLS
-        if tiny:  # floats and 16-bit bits alike (half 0 for floats)
-            args = (*common, half, loss_rows, lse)
-            kernel, range_fn = _cpu_short.xent_tiny_rows, _cpu_short.xent_tiny_range
-        elif half:
-            args = (*common, half, loss_rows, lse)
-            kernel, range_fn = _cpu_short.xent_short_rows_16, _cpu_short.xent_short_range_16
-        else:
-            args = (*common, in_place, loss_rows, lse)
-            kernel, range_fn = _cpu_short.xent_short_rows, _cpu_short.xent_short_range
+        args = (*common, half, n_cols <= _cpu_short.TINY_COLS, loss_rows, lse)
+        kernel, range_fn = _cpu_short.xent_short_rows, _cpu_short.xent_short_range
         run_rows(kernel, range_fn, n_rows, n_cols, *args, row_logits=SHORT_ROW_LOGITS)
     elif half:
         claim = grad and not in_place and _cpu.claims_output(n_cols)
@@ -349,16 +341,10 @@ def normalize(logits, mode: int, out, *, stream):
         result, o_buf, o_off, copy_back, in_place = _output(out, logits)
     common = (x_buf, x_off, n_cols, mode, o_buf, o_off)
     parts = split_parts(lse.size, n_cols)
-    if n_cols <= _cpu_short.TINY_COLS:  # by V alone, as in ``xent``
-        kernel, range_fn, last = _cpu_short.normalize_tiny_rows, _cpu_short.normalize_tiny_range, half
-    elif n_cols <= _cpu_short.SHORT_COLS and half:
-        kernel, range_fn, last = _cpu_short.normalize_short_rows_16, _cpu_short.normalize_short_range_16, half
-    elif n_cols <= _cpu_short.SHORT_COLS:
-        kernel, range_fn, last = _cpu_short.normalize_short_rows, _cpu_short.normalize_short_range, in_place
-    else:
-        kernel = None
-    if kernel is not None:
-        run_rows(kernel, range_fn, lse.size, n_cols, *common, last, lse, row_logits=SHORT_ROW_LOGITS)
+    if n_cols <= _cpu_short.SHORT_COLS:  # by V alone, as in ``xent``
+        args = (*common, half, n_cols <= _cpu_short.TINY_COLS, lse)
+        kernel, range_fn = _cpu_short.normalize_short_rows, _cpu_short.normalize_short_range
+        run_rows(kernel, range_fn, lse.size, n_cols, *args, row_logits=SHORT_ROW_LOGITS)
     elif half and parts > 1:
         launch(_cpu_split.normalize_split_16, parts, *common, half, lse)
     elif half:

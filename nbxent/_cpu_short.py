@@ -62,12 +62,7 @@ from ._cpu import (
     target_term,
 )
 from ._jit import (
-    HALF_BF16,
     as_dtype_of,
-    bf16_to_f32,
-    f16_to_f32,
-    f32_to_bf16,
-    f32_to_f16,
     fast_exp,
     fast_tanh,
     jit_inline,
@@ -106,32 +101,38 @@ def exp_sum(xc, e, m):
 
 
 @jit_inline
-def load_row(x, base, c, cap):
-    """``c_j = x[base + j]``, soft-capped ``cap tanh(x / cap)`` when ``cap > 0`` (step 1);
-    ``base`` unsigned (see the module's note)."""
+def load_row(x, base, c, half, cap):
+    """``c_j = x[base + j]`` (floats, or 16-bit bits in format ``half`` widened to float32),
+    soft-capped ``cap tanh(x / cap)`` when ``cap > 0`` (step 1); ``base`` unsigned (see the
+    module's note). The format and the cap are the same for every entry, so LLVM takes them
+    out of the loop and each loop holds one conversion."""
     if cap > as_dtype_of(c, 0):
         inv_cap = as_dtype_of(c, 1) / cap
         for j in range(np.uint64(c.size)):
-            c[j] = cap * fast_tanh(x[base + j] * inv_cap)
+            c[j] = cap * fast_tanh(widen(x[base + j], half) * inv_cap)
     else:
         for j in range(np.uint64(c.size)):
-            c[j] = x[base + j]
+            c[j] = widen(x[base + j], half)
 
 
 @jit_inline
-def load_row_16(x, base, c, half, cap):
-    """``load_row`` of 16-bit bits (format ``half``), widened to float32; a constant format in
-    each loop gives one conversion an entry."""
-    if half == HALF_BF16:
-        for j in range(np.uint64(c.size)):
-            c[j] = bf16_to_f32(x[base + j])
-    else:
-        for j in range(np.uint64(c.size)):
-            c[j] = f16_to_f32(x[base + j])
-    if cap > as_dtype_of(c, 0):
-        inv_cap = as_dtype_of(c, 1) / cap
-        for j in range(c.size):
-            c[j] = cap * fast_tanh(c[j] * inv_cap)
+def store_row(e, g, base, half):
+    """``g[base + j] = e_j``, rounded to 16 bits in format ``half`` where ``g`` holds bits."""
+    for j in range(np.uint64(e.size)):
+        g[base + j] = stored(g, e[j], half)
+
+
+def stored(g, v, half):
+    """``v`` as an entry of ``g``: rounded to 16-bit bits in format ``half`` where ``g`` holds
+    such bits (uint16), else ``v`` itself."""
+    return v
+
+
+@overload_helper(stored)
+def _stored_impl(g, v, half):
+    if g.dtype == types.uint16:
+        return lambda g, v, half: narrow_value(v, half)
+    return lambda g, v, half: v
 
 
 @jit_inline
@@ -168,11 +169,18 @@ def short_row(c, e, tgt, w, w_sum, cap, eps, z, scale, want_grad):
 
 @jit_serial
 def xent_short_range(
-    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, in_place, loss, lse
+    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, tiny, loss, lse
 ):
-    """``_cpu.xent_range`` (same arguments) for rows of at most SHORT_COLS float32/float64
-    logits. ``in_place`` needs no care here: each row is copied to the scratch before its
-    gradient is written."""
+    """``_cpu.xent_range`` for rows of at most SHORT_COLS logits: floats (``half`` 0) or 16-bit
+    bits in format ``half``, widened to float32 into the scratch and rounded as the gradient is
+    written. With ``tiny`` (rows of at most TINY_COLS), in transposed groups
+    (``xent_tiny_range``). Each row is copied to the scratch before its gradient is written,
+    so a gradient in place needs no care."""
+    if tiny:
+        xent_tiny_range(
+            lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, loss, lse
+        )
+        return
     want_grad = scale.size > 0
     c = padded_row(loss, n_cols)
     e = padded_row(loss, n_cols)
@@ -183,56 +191,14 @@ def xent_short_range(
             loss[i] = fill
             lse[i] = fill
             if want_grad:
-                gbase = np.uint64(g_off[i])
-                for j in range(np.uint64(n_cols)):
-                    g[gbase + j] = fill
+                e[:] = fill
+                store_row(e, g, np.uint64(g_off[i]), half)
             continue
-        load_row(x, np.uint64(x_off[i]), c, cap)
+        load_row(x, np.uint64(x_off[i]), c, half, cap)
         row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
         loss[i], lse[i] = short_row(c, e, tgt, w, w_sum, cap, eps, z, row_scale, want_grad)
         if want_grad:
-            gbase = np.uint64(g_off[i])
-            for j in range(np.uint64(n_cols)):
-                g[gbase + j] = e[j]
-
-
-@jit_serial
-def xent_short_range_16(
-    lo, hi, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, eps, z, scale, g, g_off, half, loss, lse
-):
-    """``xent_short_range`` for 16-bit bits (format ``half``): each row is widened into the
-    float32 scratch, and its gradient is computed in float32 and rounded as it is written."""
-    want_grad = scale.size > 0
-    c = padded_row(loss, n_cols)
-    e = padded_row(loss, n_cols)
-    for i in range(lo, hi):
-        tgt = targets[i]
-        fill = skip_value(tgt, ignore_index, n_cols)
-        if fill != -1.0:
-            loss[i] = fill
-            lse[i] = fill
-            if want_grad:
-                bits = narrow_value(fill, half)
-                gbase = np.uint64(g_off[i])
-                for j in range(np.uint64(n_cols)):
-                    g[gbase + j] = bits
-            continue
-        load_row_16(x, np.uint64(x_off[i]), c, half, cap)
-        row_scale = scale[i] if want_grad else as_dtype_of(loss, 0)
-        loss[i], lse[i] = short_row(c, e, tgt, w, w_sum, cap, eps, z, row_scale, want_grad)
-        if want_grad:
-            store_16(e, g, np.uint64(g_off[i]), half)
-
-
-@jit_inline
-def store_16(e, g, base, half):
-    """``g[base + j]`` = ``e_j`` rounded to 16 bits (format ``half``)."""
-    if half == HALF_BF16:
-        for j in range(np.uint64(e.size)):
-            g[base + j] = f32_to_bf16(np.float32(e[j]))
-    else:
-        for j in range(np.uint64(e.size)):
-            g[base + j] = f32_to_f16(np.float32(e[j]))
+            store_row(e, g, np.uint64(g_off[i]), half)
 
 
 @jit_kernel
@@ -241,14 +207,6 @@ def xent_short_rows(tasks, n_rows, *args):
     per_task = (n_rows + tasks - 1) // max(tasks, 1)
     for task in numba.prange(tasks):
         xent_short_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
-
-
-@jit_kernel
-def xent_short_rows_16(tasks, n_rows, *args):
-    """``xent_short_range_16(lo, hi, *args)`` over all rows, in parallel."""
-    per_task = (n_rows + tasks - 1) // max(tasks, 1)
-    for task in numba.prange(tasks):
-        xent_short_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
 
 
 @jit_inline
@@ -348,19 +306,6 @@ def tiny_group(tt, e, n, n_cols, tgts, i0, ignore_index, w, w_sum, cap, eps, z, 
             e[k] -= target_term(like, tt[k], cap, inv_cap, scale[i], eps, wt)
 
 
-def stored(g, v, half):
-    """``v`` as an entry of ``g``: rounded to 16-bit bits in format ``half`` where ``g`` holds
-    such bits (uint16), else ``v`` itself."""
-    return v
-
-
-@overload_helper(stored)
-def _stored_impl(g, v, half):
-    if g.dtype == types.uint16:
-        return lambda g, v, half: narrow_value(v, half)
-    return lambda g, v, half: v
-
-
 @jit_inline
 def load_group(x, x_off, i0, n, n_cols, tt, half):
     """Rows ``i0 .. i0 + n`` of ``x`` (floats, or 16-bit bits in format ``half``, widened) into
@@ -416,14 +361,6 @@ def xent_tiny_range(
                     g[base + j] = bits
 
 
-@jit_kernel
-def xent_tiny_rows(tasks, n_rows, *args):
-    """``xent_tiny_range(lo, hi, *args)`` over all rows, in parallel."""
-    per_task = (n_rows + tasks - 1) // max(tasks, 1)
-    for task in numba.prange(tasks):
-        xent_tiny_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
-
-
 # The normalizations of short rows (``_cpu.normalize_range`` for long ones): the same steps 1
 # and 2, then the lse of each row and, by ``mode``, its softmax ``e_j / s`` or log-softmax
 # ``(x_j - m) - log s`` written out. The lse is ``_cpu.row_lse``'s (NaN for a row holding a
@@ -448,30 +385,21 @@ def short_normal(c, e, mode):
 
 
 @jit_serial
-def normalize_short_range(lo, hi, x, x_off, n_cols, mode, out, out_off, in_place, lse):
-    """``_cpu.normalize_range`` (same arguments) for rows of at most SHORT_COLS float logits;
-    each row is copied to the scratch first, so ``in_place`` needs no care."""
+def normalize_short_range(lo, hi, x, x_off, n_cols, mode, out, out_off, half, tiny, lse):
+    """``_cpu.normalize_range`` for rows of at most SHORT_COLS logits, floats (``half`` 0) or
+    16-bit bits in format ``half`` through the float32 scratch; with ``tiny``, in transposed
+    groups (``normalize_tiny_range``). Each row is copied to the scratch first, so an output
+    in place needs no care."""
+    if tiny:
+        normalize_tiny_range(lo, hi, x, x_off, n_cols, mode, out, out_off, half, lse)
+        return
     c = padded_row(lse, n_cols)
     e = padded_row(lse, n_cols)
     for i in range(lo, hi):
-        load_row(x, np.uint64(x_off[i]), c, as_dtype_of(lse, 0))
+        load_row(x, np.uint64(x_off[i]), c, half, as_dtype_of(lse, 0))
         lse[i] = short_normal(c, e, mode)
         if mode != MODE_LSE:
-            base = np.uint64(out_off[i])
-            for j in range(np.uint64(n_cols)):
-                out[base + j] = e[j]
-
-
-@jit_serial
-def normalize_short_range_16(lo, hi, x, x_off, n_cols, mode, out, out_off, half, lse):
-    """``normalize_short_range`` for 16-bit bits (format ``half``), through the float32 scratch."""
-    c = padded_row(lse, n_cols)
-    e = padded_row(lse, n_cols)
-    for i in range(lo, hi):
-        load_row_16(x, np.uint64(x_off[i]), c, half, as_dtype_of(lse, 0))
-        lse[i] = short_normal(c, e, mode)
-        if mode != MODE_LSE:
-            store_16(e, out, np.uint64(out_off[i]), half)
+            store_row(e, out, np.uint64(out_off[i]), half)
 
 
 @jit_serial
@@ -524,19 +452,3 @@ def normalize_short_rows(tasks, n_rows, *args):
     per_task = (n_rows + tasks - 1) // max(tasks, 1)
     for task in numba.prange(tasks):
         normalize_short_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
-
-
-@jit_kernel
-def normalize_short_rows_16(tasks, n_rows, *args):
-    """``normalize_short_range_16(lo, hi, *args)`` over all rows, in parallel."""
-    per_task = (n_rows + tasks - 1) // max(tasks, 1)
-    for task in numba.prange(tasks):
-        normalize_short_range_16(task * per_task, min(n_rows, (task + 1) * per_task), *args)
-
-
-@jit_kernel
-def normalize_tiny_rows(tasks, n_rows, *args):
-    """``normalize_tiny_range(lo, hi, *args)`` over all rows, in parallel."""
-    per_task = (n_rows + tasks - 1) // max(tasks, 1)
-    for task in numba.prange(tasks):
-        normalize_tiny_range(task * per_task, min(n_rows, (task + 1) * per_task), *args)
