@@ -1,4 +1,5 @@
-"""Numba CPU kernels for short rows: cross-entropy of rows of at most SHORT_COLS logits.
+"""Numba CPU kernels for short rows: cross-entropy, logsumexp, softmax and log-softmax of rows
+of at most SHORT_COLS logits.
 
 ``_cpu.xent_range`` reads a row in blocks of STATS_BLOCK logits, through a dozen row and
 block functions that keep a long row in one pass over memory. A row of 10 logits paid all of
@@ -17,9 +18,10 @@ instead, with no block logic:
 
 Two layouts of the same steps:
 
-- ``xent_short_*``, rows of up to SHORT_COLS: one row at a time, each sweep a vector loop
-  along the row;
-- ``xent_tiny_*``, rows of up to TINY_COLS: a group of rows at a time, transposed, so that
+- ``xent_short_range`` and ``normalize_short_range``, rows of up to SHORT_COLS: one row at
+  a time, each sweep a vector loop along the row;
+- ``xent_tiny_range`` and ``normalize_tiny_range``, rows of up to TINY_COLS (the short range
+  functions call them, told by ``tiny``): a group of rows at a time, transposed, so that
   SIMD lanes hold rows and each sweep is a loop over the group for one entry. A row of 10
   float32 logits fills no vector of 8 x 4 that LLVM's loops take, so along the row every
   exp was scalar; across rows all are vectors (2.6x faster on one thread).
