@@ -29,6 +29,16 @@ import numpy as np
 QUICK = os.environ.get("NBXENT_ASV_QUICK", "") not in ("", "0")
 """True when ``NBXENT_ASV_QUICK`` is set (and not "0"): tiny shapes, for CI."""
 
+if QUICK:
+    # ci_quick.sh runs asv with its forkserver, which imports the benchmark modules once and
+    # forks a process per parameter combination: PyTorch imported here is imported once, not
+    # in each of the Torch and GPU benchmarks' processes (about 2 s each). Only in quick mode:
+    # a real run's peak-memory figures must not carry PyTorch.
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+
 # Launch-bound, then language-model vocabularies (Llama 2, Llama 3, Gemma) at the same
 # number of logits (about 65.5 million: 256 MB in float32, 128 MB in bfloat16), so that
 # times and GB/s are comparable across V.
