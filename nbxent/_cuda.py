@@ -728,6 +728,20 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int,
     element, thread_stats, fill_span = storage.element, storage.thread_stats, storage.fill_span
     write_span = _writer(fmt, JOB_NORM if NORM else JOB_GRAD, unroll, prefetch)
 
+    @device_function
+    def row_lse(xw, a, n_cols, m, lse):
+        """The lse a row stores, as ``torch.logsumexp`` (and ``_cpu.row_lse``) gives it: NaN
+        for a row holding a NaN, ``+inf`` for one holding ``+inf`` and no NaN, else ``lse``.
+        Only an infinite max looks for NaN (the max reductions skip NaN, and with a finite max
+        a NaN has made ``s`` NaN already); one thread reads the row, which only such rows pay."""
+        if not math.isinf(m):
+            return lse
+        for j in range(a, a + n_cols):
+            v = element(xw, j, ZERO, ZERO)
+            if v != v:
+                return NAN
+        return m
+
     # ------------------------------------------------------------------------------------
     # Kernels. Every argument is an int64 or a float64: addresses (``*_addr``), sizes,
     # strides, options. See ``_backend_cuda`` for how each is made.
@@ -819,7 +833,7 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int,
             if NORM:
                 if live:
                     if lane == 0:
-                        out[row] = m if math.isinf(m) else lse
+                        out[row] = row_lse(xw, a, n_cols, m, lse)
                     if reduction != MODE_LSE:
                         g_a = row_start(row, gn1, g0, gs0, gs1)
                         coef_p = ONE if reduction == MODE_SOFTMAX else ZERO
@@ -1000,7 +1014,7 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int,
             lse = m + log_s
             if NORM:
                 if c == 0 and tid == 0:
-                    out[row] = m if math.isinf(m) else lse
+                    out[row] = row_lse(xw, a, n_cols, m, lse)
                 if reduction != MODE_LSE:
                     coef_p = ONE if reduction == MODE_SOFTMAX else ZERO
                     coefs = (m, log_s, coef_p, ZERO, ZERO, np.int64(-1))

@@ -12,7 +12,8 @@ dtypes and errors. The graph, for logits of row blocks ``i`` and vocabulary bloc
 2. Vocabulary in several blocks: block ``(i, j)`` gives per-row partial statistics (``STATS``:
    reference max ``m`` (the block's max or less than ``_cpu.EXP_CLAMP`` below it: any ``m``
    gives the same lse), ``s = sum exp(xc - m)``, ``sm = sum w (m - xc)``, the target's logit
-   and weight when the target is in the block, the block's weight sum). A tree reduction
+   and weight when the target is in the block, the block's weight sum, whether the block holds
+   a NaN: a row holding one is NaN throughout, as in memory). A tree reduction
    along the vocabulary (``da.reduction`` with ``combine``) merges them with the online-softmax
    rule, rescaling to the larger max ``M``::
 
@@ -55,7 +56,7 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad", "logsumexp"]
 
 # Per-row statistics of a block of vocabulary columns (see the module docstring); float64,
 # so that merging many blocks adds no rounding of its own.
-STATS = np.dtype([(name, np.float64) for name in ("m", "s", "sm", "xt", "wt", "wc")])
+STATS = np.dtype([(name, np.float64) for name in ("m", "s", "sm", "xt", "wt", "wc", "nan")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +184,14 @@ def _stats_block(x, t, w, *, cap, smooth, block_info=None):
     m, s, sm, xt, wt = (np.zeros(n_rows, acc) for _ in range(5))
     with _one_numba_thread():
         launch(chunk_stats, buf, off, n_cols, _col0(block_info), targets, wv, acc(cap), smooth, m, s, sm, xt, wt)
+    # "nan": whether the row's block holds a NaN. With a finite max, a NaN has made ``s`` NaN;
+    # an infinite max (a block of -inf and NaN, where ``s`` is 0, or one holding +inf, where
+    # ``s`` is NaN anyway) takes a look, as ``_cpu.row_lse`` does: rare rows, one read each.
+    nan = np.isnan(s)
+    for i in np.flatnonzero(np.isinf(m)):
+        nan[i] = np.isnan(buf[off[i] : off[i] + n_cols]).any()
     out = np.empty(n_rows, STATS)
-    for name, value in zip(("m", "s", "sm", "xt", "wt"), (m, s, sm, xt, wt), strict=True):
+    for name, value in zip(("m", "s", "sm", "xt", "wt", "nan"), (m, s, sm, xt, wt, nan), strict=True):
         out[name] = value
     out["wc"] = np.sum(wv, dtype=np.float64) if wv.size else n_cols
     return out.reshape((*x.shape[:-1], 1))
@@ -206,7 +213,7 @@ def _merge_stats(parts, axis, keepdims):
         shift = np.where(same, 0.0, (big_m - m) * parts["wc"])
         out["s"] = np.sum(parts["s"] * factor, axis=-1, keepdims=True)
         out["sm"] = np.sum(parts["sm"] + shift, axis=-1, keepdims=True)
-    for name in ("xt", "wt", "wc"):
+    for name in ("xt", "wt", "wc", "nan"):
         out[name] = np.sum(parts[name], axis=-1, keepdims=True)
     return out if keepdims else out[..., 0]
 
@@ -228,15 +235,17 @@ def _loss_rows_block(st, t, *, opts, n_classes, acc):
             loss += eps / n_classes * (st["wc"] * log_s + st["sm"])
         if z > 0.0:
             loss += z * wt * lse * lse
-    loss = np.where((t >= 0) & (t < n_classes), loss, np.nan)
+    loss = np.where((t >= 0) & (t < n_classes) & (st["nan"] == 0), loss, np.nan)
     return np.where(t == opts.ignore_index, 0.0, loss).astype(acc)
 
 
 def _lse_block(st, *, acc):
-    """lse from merged ``STATS``; an infinite max is the lse itself, as in ``_cpu.normalize_row``."""
+    """lse from merged ``STATS``, as ``_cpu.row_lse`` gives it: NaN for a row holding a NaN, an
+    infinite max (a row of all ``-inf``, or one holding ``+inf``) itself, else ``m + log s``."""
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = st["m"] + np.log(st["s"])
-    return np.where(np.isinf(st["m"]), st["m"], lse).astype(acc)
+    lse = np.where(np.isinf(st["m"]), st["m"], lse)
+    return np.where(st["nan"] > 0, np.nan, lse).astype(acc)
 
 
 def _grad_block(x, t, st, scale, w, *, opts, n_classes, block_info=None):
@@ -252,6 +261,7 @@ def _grad_block(x, t, st, scale, w, *, opts, n_classes, block_info=None):
         lse = st["m"] + np.log(st["s"])
         wt = st["wt"]
         a = scale * ((1.0 - eps) * wt + eps * st["wc"] / n_classes + 2.0 * z * wt * lse) / st["s"]
+        a = np.where(st["nan"] > 0, np.nan, a)  # a row holding a NaN: NaN throughout, as in memory
         b = scale * eps / n_classes
         c = scale * (1.0 - eps) * wt
     factors = (st["m"].astype(acc), a.astype(acc), b.astype(acc), c.astype(acc))

@@ -279,6 +279,41 @@ def test_infinite_logits():
     np.testing.assert_allclose(loss, memory, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+def test_a_nan_anywhere_in_a_row_makes_it_nan(dtype):
+    """A row holding a NaN has lse, loss and gradient NaN, as in memory (and in PyTorch),
+    wherever the NaN lies: beside +inf in its vocabulary block or in another, or among -inf.
+    The NaNs lie past the first 64 logits of their block, which a block's reference max
+    looks at (``_cpu.REF_SAMPLE``): there a block's (max, sum) do not show them. Until the
+    seventeenth session the rows with +inf got the lse +inf."""
+    rng = np.random.default_rng()
+    logits, targets = make_case(rng, np.float32, (8, 200))
+    targets[:] = 1
+    logits[0, [150, 90]] = np.inf, np.nan  # +inf and NaN in different blocks
+    logits[1, [150, 190]] = np.inf, np.nan  # in the same block
+    logits[2, [20, 190]] = np.inf, np.nan  # +inf in the first block's sample, NaN in the other
+    logits[3, 100:] = -np.inf  # NaN among -inf, the row's max in the other block
+    logits[3, 170] = np.nan
+    logits[4] = -np.inf  # NaN and -inf only
+    logits[4, 190] = np.nan
+    logits[5, 90] = np.nan  # NaN beside finite logits
+    logits[6, 4] = np.nan  # an ignored row: loss and gradient 0
+    targets[6] = -100
+    logits = logits.astype(dtype)
+    dlogits = da.from_array(logits, chunks=(2, 100))
+    lse = nxd.logsumexp(dlogits).compute()
+    np.testing.assert_array_equal(lse, nx.logsumexp(logits))
+    assert np.isnan(lse[:7]).all() and np.isfinite(lse[7])
+    loss, grad = dask.compute(*nxd.cross_entropy_with_grad(dlogits, targets, reduction="none"))
+    memory_loss, memory_grad = nx.cross_entropy_with_grad(logits, targets, reduction="none")
+    assert np.isnan(loss[:6]).all() and loss[6] == 0 and np.isfinite(loss[7])
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(memory_loss))
+    np.testing.assert_array_equal(np.isnan(grad.astype(np.float32)), np.isnan(memory_grad.astype(np.float32)))
+    assert np.isnan(grad[:6].astype(np.float32)).all() and (grad[6] == 0).all()
+    loss_only = nxd.cross_entropy(dlogits, targets, reduction="none").compute()
+    np.testing.assert_array_equal(np.isnan(loss_only), np.isnan(memory_loss))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_blocks_rising_far_above_the_first(dtype):
     """Rows whose later columns rise by 31-200 above the first ones (``rows_around_the_clamp``:

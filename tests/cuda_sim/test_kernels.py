@@ -192,14 +192,18 @@ def test_special_rows_follow_the_cpu(path):
     """-inf, +inf and NaN logits, an all -inf row, a target at -inf: the NaN and inf pattern
     of the CPU backend; and a large common offset (1e4), where float32 keeps full accuracy
     because probabilities are taken as exp((x - max) - log s)."""
-    logits = np.random.default_rng().standard_normal((6, 97)).astype(np.float32)
+    logits = np.random.default_rng().standard_normal((8, 97)).astype(np.float32)
     logits[0, :50] = -np.inf
     logits[1, :] = -np.inf
     logits[2, 5] = np.inf
     logits[3, 9] = np.nan
     logits[4] += 1e4
     logits[5, 2] = -np.inf
-    targets = np.array([60, 3, 1, 0, 8, 2])  # row 5's target is a -inf logit: loss +inf
+    logits[6, 5] = np.inf  # +inf and NaN: lse NaN (until the seventeenth session, +inf)
+    logits[6, 90] = np.nan
+    logits[7, :] = -np.inf  # -inf and NaN only: lse NaN
+    logits[7, 3] = np.nan
+    targets = np.array([60, 3, 1, 0, 8, 2, 1, 4])  # row 5's target is a -inf logit: loss +inf
     x = logits.astype(np.float64)
     for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-4}):
         cpu = nx.cross_entropy_with_grad(logits, targets, reduction="none", **opts)
