@@ -17,17 +17,19 @@ thread count.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
-from ._cpu import padded_ebuf, row_stats, skip_value, write_grad
+from ._cpu import padded_ebuf, row_lse, row_stats, skip_value, write_grad
 from ._jit import as_dtype_of, fast_tanh, jit_kernel, jit_serial
 
 MAX_TASKS = 256
 
 
 @jit_kernel
-def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, wt):
+def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, wt, nan):
     """Per-row partial statistics of one vocabulary block.
 
     For each row: ``m`` a reference max of ``xc = cap * tanh(x / cap)`` (``x`` when ``cap`` is 0)
@@ -40,6 +42,11 @@ def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, w
     ``xt`` and ``wt`` get the target's capped logit and weight when ``targets[i] - col0`` is a
     column of the block, and 0 otherwise, so that summing them over blocks gives the row's
     values. ``targets`` may be empty (logsumexp).
+
+    ``nan`` gets 1 where the row's block holds a NaN, else 0: where the block's lse
+    (``_cpu.row_lse``, which looks for a NaN only when ``m`` is infinite) is NaN. ``m`` and ``s``
+    do not always show it (a max skips NaN; ``s`` of a block of ``-inf`` and NaN is set to 0
+    here, and a block holding ``+inf`` has ``s`` NaN without one).
     """
     zero = as_dtype_of(m, 0)
     one = as_dtype_of(m, 1)
@@ -57,6 +64,7 @@ def chunk_stats(x, x_off, n_cols, col0, targets, w, cap, smooth, m, s, sm, xt, w
         for i in range(task * per_task, min(n_rows, (task + 1) * per_task)):
             xr = x[x_off[i] : x_off[i] + n_cols]
             mi, si, smi = row_stats(xr, cap, w, smooth, ebuf)
+            nan[i] = one if math.isnan(row_lse(xr, mi, si)) else zero
             if mi == -np.inf:
                 si = zero
                 smi = zero

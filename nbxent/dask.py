@@ -181,15 +181,9 @@ def _stats_block(x, t, w, *, cap, smooth, block_info=None):
     n_rows, n_cols = off.size, x.shape[-1]
     targets = np.empty(0, np.int64) if t is None else np.ascontiguousarray(t.reshape(-1))
     wv = np.empty(0, acc) if w is None else np.ascontiguousarray(w.reshape(-1), dtype=acc)
-    m, s, sm, xt, wt = (np.zeros(n_rows, acc) for _ in range(5))
+    m, s, sm, xt, wt, nan = (np.zeros(n_rows, acc) for _ in range(6))
     with _one_numba_thread():
-        launch(chunk_stats, buf, off, n_cols, _col0(block_info), targets, wv, acc(cap), smooth, m, s, sm, xt, wt)
-    # "nan": whether the row's block holds a NaN. With a finite max, a NaN has made ``s`` NaN;
-    # an infinite max (a block of -inf and NaN, where ``s`` is 0, or one holding +inf, where
-    # ``s`` is NaN anyway) takes a look, as ``_cpu.row_lse`` does: rare rows, one read each.
-    nan = np.isnan(s)
-    for i in np.flatnonzero(np.isinf(m)):
-        nan[i] = np.isnan(buf[off[i] : off[i] + n_cols]).any()
+        launch(chunk_stats, buf, off, n_cols, _col0(block_info), targets, wv, acc(cap), smooth, m, s, sm, xt, wt, nan)
     out = np.empty(n_rows, STATS)
     for name, value in zip(("m", "s", "sm", "xt", "wt", "nan"), (m, s, sm, xt, wt, nan), strict=True):
         out[name] = value
