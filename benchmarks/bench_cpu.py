@@ -391,14 +391,15 @@ class FewRows:
 
 
 class ShortRows:
-    """Many rows of few logits (classification, V = 10 or 100), nbxent beside PyTorch on the
-    same threads. When this was added, such a row cost about 150 ns besides its logits and
+    """Many rows of few logits (classification, V = 10 or 100; 24, the widest rows the tiny
+    kernels put in SIMD lanes; 512, the widest the short kernels take), nbxent beside PyTorch
+    on the same threads. When this was added, such a row cost about 150 ns besides its logits and
     PyTorch was 1.9-4.3x faster at V = 10; since the short-row kernels (``_cpu_short``,
     docs/cpu.md item 7) the two are close. "torch" over "nbxent" tracks the gap. "torch" is
     skipped where PyTorch is not installed."""
 
     params = [
-        ["64x10"] if _common.QUICK else ["4096x10", "65536x10", "8192x100"],
+        ["64x10"] if _common.QUICK else ["4096x10", "65536x10", "32768x24", "8192x100", "8192x512"],
         ["forward", INTO_OUT],
         ["nbxent", "torch"],
     ]
