@@ -272,7 +272,9 @@ def test_infinite_logits():
     logits[3, 8] = np.inf
     dlogits = da.from_array(logits, chunks=(2, 6))
     lse = nxd.logsumexp(dlogits).compute()
-    np.testing.assert_array_equal(lse, nx.logsumexp(logits))  # exact where infinite, 1 ulp otherwise
+    memory_lse = nx.logsumexp(logits)
+    np.testing.assert_array_equal(lse[2:], memory_lse[2:])  # the infinite ones exactly
+    np.testing.assert_allclose(lse[:2], memory_lse[:2], rtol=4 * np.finfo(np.float32).eps)  # to rounding
     loss = nxd.cross_entropy(dlogits, targets, reduction="none").compute()
     memory = nx.cross_entropy(logits, targets, reduction="none")
     assert np.isfinite(loss[:2]).all()
@@ -302,8 +304,12 @@ def test_a_nan_anywhere_in_a_row_makes_it_nan(dtype):
     logits = logits.astype(dtype)
     dlogits = da.from_array(logits, chunks=(2, 100))
     lse = nxd.logsumexp(dlogits).compute()
-    np.testing.assert_array_equal(lse, nx.logsumexp(logits))
+    memory_lse = nx.logsumexp(logits)
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(memory_lse))
     assert np.isnan(lse[:7]).all() and np.isfinite(lse[7])
+    # the finite row is summed in another order (two vocabulary blocks merged; in memory the
+    # short-row kernel, and for bfloat16 another exp): equal to rounding, not to the bit
+    np.testing.assert_allclose(lse[7], memory_lse[7], rtol=4 * np.finfo(np.float32).eps)
     loss, grad = dask.compute(*nxd.cross_entropy_with_grad(dlogits, targets, reduction="none"))
     memory_loss, memory_grad = nx.cross_entropy_with_grad(logits, targets, reduction="none")
     assert np.isnan(loss[:6]).all() and loss[6] == 0 and np.isfinite(loss[7])
