@@ -13,8 +13,9 @@ instead, with no block logic:
 2. ``e_j = exp(xc_j - m)`` into a second scratch row, summed in the same loop, and the
    smoothing sum ``sum_j w_j (m - xc_j)``;
 3. the loss and, for the fused call, the gradient ``(a e_j - b w_j) dxc_j/dx_j`` (the factors
-   and the derivation are ``_cpu.xent_row``'s) over the exps, the target's term after, and
-   the row written out (rounded to 16 bits for 16-bit logits).
+   and the derivation are ``_cpu.xent_row``'s), the target's term after, written out
+   (rounded to 16 bits for 16-bit logits): one row at a time straight from the exps into
+   the output, a group at a time over the exps and then moved out.
 
 Two layouts of the same steps:
 
