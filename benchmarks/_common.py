@@ -166,6 +166,18 @@ def copy_floor(a: np.ndarray) -> Callable[[], object]:
     return functools.partial(parallel_copy, src, dst)
 
 
+def read_floor(a: np.ndarray) -> Callable[[], object]:
+    """A no-argument parallel read of the 2-D ``a`` (rows summed over Numba's threads,
+    ``nbxent.bench.read_pass``): the memory floor of a pass that writes nothing, the loss
+    alone. 16-bit arrays are read as bits."""
+    from nbxent.bench import read_pass
+
+    src = a.view(np.uint16) if a.dtype.itemsize == 2 else a
+    sink = np.empty(a.shape[0], np.float64)
+    read_pass(src, sink)
+    return functools.partial(read_pass, src, sink)
+
+
 def paired_median_seconds(
     fn: Callable[[], object], floor: Callable[[], object], repeats: int, before: Callable[[], object] | None = None
 ) -> tuple[float, float]:

@@ -13,7 +13,8 @@ Every timed case is one point of the grid ``shape x dtype x options x op`` from 
 ``Bandwidth.track_*`` report GB/s and the fraction of the copy floor, with one more op,
 "forward+backward into out": the gradient into a preallocated ``out`` (the issue's fused
 target; "forward+backward" allocates a new gradient every call, whose page faults it times);
-``CopyFloors.track_*`` set that floor beside a copy with streaming stores; ``FewRows`` times
+``CopyFloors.track_*`` set that floor beside a copy with streaming stores; ``ComputeFloor``
+sets the exp loop's time beside a read of the logits (the loss alone's two floors); ``FewRows`` times
 calls with fewer rows than threads on one thread and on all.
 """
 
@@ -355,6 +356,41 @@ class CopyFloors:
         return self.gbps / self.copy_gbps
 
     track_streaming_over_copy_floor.unit = "x copy GB/s"
+
+
+class ComputeFloor:
+    """The loss alone's arithmetic without its memory traffic: the kernels' own exp loop run as
+    many times as the logits have entries, over one block that stays in L1
+    (``nbxent.bench.exp_floor_call``), timed in turns with a parallel read of the logits
+    (``_common.read_floor``). Where ``track_over_read_floor`` is above 1, the host's cores,
+    not its memory, bound the loss alone. ``ns_per_logit`` (the wall time over the entries,
+    all threads together) follows the exp's code from commit to commit (docs/cpu.md).
+    """
+
+    params = [SHAPES, BANDWIDTH_DTYPES]
+    param_names = ["shape", "dtype"]
+    timeout = 300
+
+    def setup(self, shape, dtype):
+        from nbxent.bench import exp_floor_call
+
+        pristine = _common.cached_logits(shape, dtype)
+        call = exp_floor_call(pristine, np.empty(pristine.shape[0], np.float64))
+        call()  # compiles
+        repeats = 51 if _is_small(shape) else 9
+        seconds, read_seconds = _common.paired_median_seconds(call, _common.read_floor(pristine), repeats)
+        self.ns_per_logit = seconds / pristine.size * 1e9
+        self.over_read = seconds / read_seconds
+
+    def track_ns_per_logit(self, shape, dtype):
+        return self.ns_per_logit
+
+    track_ns_per_logit.unit = "ns"
+
+    def track_over_read_floor(self, shape, dtype):
+        return self.over_read
+
+    track_over_read_floor.unit = "x read time"
 
 
 class FewRows:

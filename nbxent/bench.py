@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import api
-from ._jit import jit_kernel, jit_reduce, jit_serial, store_fence, stream_line16
+from . import _cpu, api
+from ._jit import HALF_BF16, HALF_F16, jit_kernel, jit_reduce, jit_serial, store_fence, stream_line16
 
 DEFAULT_SHAPES = ((2048, 32000), (512, 128256), (256, 256000))
 
@@ -97,10 +97,53 @@ HAS_STREAM_COPY = platform.machine().lower() in ("x86_64", "amd64")
 
 
 @jit_kernel
-def _read_pass(x2d, sink):
+def read_pass(x2d, sink):
     """Sum every row of a 2-D array: a parallel read of every byte, the floor of a forward."""
     for i in numba.prange(x2d.shape[0]):
         sink[i] = _sum_row(x2d[i])
+
+
+# The compute floor. A forward makes one exp an entry, and on a host whose cores are slow
+# beside its memory that arithmetic, not the read, bounds it. These passes run the kernels'
+# own exp loop (``_cpu.block_exp_sum``: clamp, exp, store to an L1 buffer, sum; for 16-bit
+# bits ``block_exp_sum16``, which widens as it loads) n_rows x n_cols times, over one block of
+# logits that stays in L1: the forward's arithmetic without its memory traffic.
+@jit_kernel
+def exp_pass(block, m, n_rows, n_cols, sink):
+    """``sink[i] = sum over n_cols entries of exp(block_j - m)``, the float ``block`` (at most
+    STATS_BLOCK logits) repeated along each row, rows split over the threads."""
+    for i in numba.prange(n_rows):
+        ebuf = _cpu.padded_ebuf(block)
+        s = m * 0
+        for lo in range(0, n_cols, block.size):
+            k = min(block.size, n_cols - lo)
+            s += _cpu.block_exp_sum(block[:k], ebuf[:k], m, ebuf)
+        sink[i] = s
+
+
+@jit_kernel
+def exp_pass16(bits, m, half, n_rows, n_cols, sink):
+    """``exp_pass`` for a block of 16-bit ``bits`` (format ``half``), widened as it is loaded."""
+    for i in numba.prange(n_rows):
+        ebuf = np.empty(bits.size, np.float32)
+        s = m * 0
+        for lo in range(0, n_cols, bits.size):
+            k = min(bits.size, n_cols - lo)
+            s += _cpu.block_exp_sum16(bits[:k], ebuf[:k], m, half)
+        sink[i] = s
+
+
+def exp_floor_call(x: np.ndarray, sink: np.ndarray) -> Callable[[], object]:
+    """A call of ``exp_pass`` (``exp_pass16``) as many times as ``x`` has entries, over a copy
+    of the first STATS_BLOCK logits of its first row, against their max."""
+    n_rows, n_cols = x.shape
+    block = np.ascontiguousarray(x[0, : _cpu.STATS_BLOCK])
+    m = np.float32(block.astype(np.float32).max()) if x.itemsize == 2 else block.max()
+    if x.itemsize == 2:
+        half = HALF_BF16 if x.dtype.name == "bfloat16" else HALF_F16
+        bits = block.view(np.uint16)
+        return lambda: exp_pass16(bits, m, half, n_rows, n_cols, sink)
+    return lambda: exp_pass(block, m, n_rows, n_cols, sink)
 
 
 @dataclass
@@ -216,7 +259,8 @@ def _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say) -> list[Row]
         x16, out16 = x.view(np.uint16), out.view(np.uint16)
         ops["stream"] = lambda: parallel_stream_copy(x16, out16)
     ops |= {
-        "read": lambda: _read_pass(bits, sink),
+        "read": lambda: read_pass(bits, sink),
+        "exp": exp_floor_call(x, sink),
         "forward": lambda: api.cross_entropy(x, t),
         "fwdbwd": lambda: api.cross_entropy_with_grad(x, t, out=out),
         # in place: the buffer holds a gradient after the first call, as in a training step
@@ -253,6 +297,8 @@ def _time_shape(shape, dtype, repeats, rng, torch, with_numpy, say) -> list[Row]
         rows.append(Row(shape, dtype, "copy, streaming stores", ms["stream"], 2 * nbytes, copy_ms))
     rows += [
         Row(shape, dtype, "read (floor)", read_ms, nbytes, read_ms),
+        # the same bytes' worth of exps, computed from L1: × floor says how it compares to the read
+        Row(shape, dtype, "exp loop in L1 (compute floor)", ms["exp"], nbytes, read_ms),
         Row(shape, dtype, "forward", ms["forward"], nbytes, read_ms),
         Row(shape, dtype, "forward+backward", ms["fwdbwd"], 2 * nbytes, copy_ms, torch_ms),
         Row(shape, dtype, "forward+backward in place", ms["inplace"], 2 * nbytes, copy_ms, torch_ms),

@@ -19,8 +19,8 @@ def test_bench_prints_every_row(dtype, capsys):
     assert cli.main(["bench", "--shapes", "64x1000", "3x2049", "--dtype", dtype, "--repeats", "2",
                      "--no-torch", "--no-first-call"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    ops = ["copy (floor)", "np.copyto (1 thread)", "read (floor)", "forward", "forward+backward",
-           "forward+backward in place"]  # fmt: skip
+    ops = ["copy (floor)", "np.copyto (1 thread)", "read (floor)", "exp loop in L1 (compute floor)", "forward",
+           "forward+backward", "forward+backward in place"]  # fmt: skip
     if bench.HAS_STREAM_COPY:
         ops.insert(2, "copy, streaming stores")
     if dtype == "float32":  # the NumPy peer computes in the logits' dtype: float types only
@@ -34,6 +34,23 @@ def test_bench_prints_every_row(dtype, capsys):
             assert ms > 0 and gbps > 0 and multiple >= 0
     floors = re.findall(r"\| (?:copy|read) \(floor\) \| [^|]+ \| [^|]+ \| ([0-9.]+) \|", out)
     assert floors == ["1.00"] * 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(3, 1), (5, 700), (4, 2048), (3, 5000)])
+def test_exp_floor_sums_one_exp_an_entry(dtype, shape):
+    """The compute floor does the work it stands for: each row's sink is the sum of exp(x - m)
+    over n_cols entries, the first row's first block repeated along the row."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(shape) * 3).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    sink = np.full(shape[0], np.nan)
+    bench.exp_floor_call(x, sink)()
+    block = x[0, :2048].astype(np.float64)
+    e = np.exp(block - block.max())
+    reps, rest = divmod(shape[1], block.size)
+    want = reps * e.sum() + e[:rest].sum()
+    rtol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(sink, want, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64])
