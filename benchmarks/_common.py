@@ -185,17 +185,24 @@ def paired_median_seconds(
     ``repeats`` times), so that a slow spell of a shared machine falls on both: their ratio
     is then a measure of ``fn`` and not of when each was timed. ``before`` runs untimed
     before each call of ``fn``."""
-    fn_times, floor_times = [], []
+    fn_seconds, floor_seconds = turns_median_seconds([fn, floor], repeats, before)
+    return fn_seconds, floor_seconds
+
+
+def turns_median_seconds(
+    fns: list[Callable[[], object]], repeats: int, before: Callable[[], object] | None = None
+) -> list[float]:
+    """``paired_median_seconds`` for any number of functions: each round calls them in order
+    (``before``, untimed, ahead of the first), and each gets the median of its times."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         if before is not None:
             before()
-        start = time.perf_counter()
-        fn()
-        fn_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        floor()
-        floor_times.append(time.perf_counter() - start)
-    return statistics.median(fn_times), statistics.median(floor_times)
+        for fn, fn_times in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def num_threads() -> int:

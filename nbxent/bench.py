@@ -335,7 +335,7 @@ print(time.perf_counter() - t0)
 
 # Numba's own fixed cost, for comparison: its import and the first call of a trivial cached
 # function, which loads the same target context (and, where SciPy is installed, imports it).
-_NUMBA_FLOOR_MODULE = """
+NUMBA_FLOOR_MODULE = """
 import numba
 
 
@@ -356,7 +356,7 @@ print(time.perf_counter() - t0)
 
 
 # Prepended to a probe's script, this makes ``import scipy`` fail, as where SciPy is not installed.
-_HIDE_SCIPY = "import sys; sys.modules['scipy'] = None\n"
+HIDE_SCIPY = "import sys; sys.modules['scipy'] = None\n"
 
 
 @dataclass(frozen=True)
@@ -400,12 +400,12 @@ def first_call_seconds(warm_runs: int = 5) -> FirstCall:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         cold = _probe_seconds(_FIRST_CALL, env)
         with open(os.path.join(cache, "nbxent_numba_floor.py"), "w") as f:
-            f.write(_NUMBA_FLOOR_MODULE)
+            f.write(NUMBA_FLOOR_MODULE)
         _probe_seconds(_NUMBA_FLOOR, env, cache)  # compiles the trivial function
         probes = {"warm": (_FIRST_CALL,), "numba_floor": (_NUMBA_FLOOR, cache)}
         if scipy:
-            probes["warm_no_scipy"] = (_HIDE_SCIPY + _FIRST_CALL,)
-            probes["numba_floor_no_scipy"] = (_HIDE_SCIPY + _NUMBA_FLOOR, cache)
+            probes["warm_no_scipy"] = (HIDE_SCIPY + _FIRST_CALL,)
+            probes["numba_floor_no_scipy"] = (HIDE_SCIPY + _NUMBA_FLOOR, cache)
         times = {name: [] for name in probes}
         for _ in range(warm_runs):
             for name, (script, *args) in probes.items():

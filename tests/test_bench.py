@@ -193,7 +193,7 @@ def test_hidden_scipy_cannot_be_imported():
     import subprocess
     import sys
 
-    script = bench._HIDE_SCIPY + "import scipy.linalg.cython_blas"
+    script = bench.HIDE_SCIPY + "import scipy.linalg.cython_blas"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr
 
