@@ -224,7 +224,10 @@ def mean_divisor(xp, t, class_weight, ignore_index: int, n_classes: int) -> floa
     if class_weight is None:
         return float(xp.count_nonzero(kept))
     in_range = kept & (t >= 0) & (t < n_classes)
-    return float(xp.sum(class_weight.astype(np.float64)[xp.where(in_range, t, 0)] * in_range))
+    # selected, not multiplied by in_range: an ignored row reads class 0's weight, and a NaN or
+    # inf there times 0 was NaN, where PyTorch sums the kept rows' weights alone
+    picked = class_weight.astype(np.float64)[xp.where(in_range, t, 0)]
+    return float(xp.sum(xp.where(in_range, picked, 0.0)))
 
 
 def _row_scale(grad_output, reduction: str, targets_shape, n_rows: int, total_weight: float, acc) -> np.ndarray:

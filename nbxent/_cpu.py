@@ -576,7 +576,10 @@ def grad_factors(x, s, lse, wt, w_sum, eps, z, scale):
     cost p_j 3 digits. The 1 / s goes into ``a``."""
     one = as_dtype_of(x, 1)
     n = as_dtype_of(x, x.size)
-    a = scale * ((one - eps) * wt + eps * w_sum / n + as_dtype_of(x, 2) * z * wt * lse) / s
+    c = (one - eps) * wt
+    if eps > as_dtype_of(x, 0):  # W enters with smoothing only: a NaN or inf weight no row holds is
+        c += eps * w_sum / n  # PyTorch's business only then (0 * NaN would make every entry NaN)
+    a = scale * (c + as_dtype_of(x, 2) * z * wt * lse) / s
     b = scale * eps / n
     return a, b
 
@@ -676,10 +679,13 @@ def xent_row(
         # steps below would. A finite sum means every stored exp is in [0, e^EXP_CLAMP]: with
         # finite factors (and no weights, which may hold anything) no entry can be NaN.
         finite_row = s == s and math.isfinite(b)
+        # w_j enters with smoothing only (b = 0 without): 0 * w_j would make a NaN or inf
+        # weight of a class no kept row targets a NaN column, where PyTorch reads w_t alone
+        has_wj = has_w and smooth
         for lo in range(0, x.size, STATS_BLOCK):
             hi = min(lo + STATS_BLOCK, x.size)
             a_k = block_factor(a, block_m, lo // STATS_BLOCK, m)
-            wb = w[lo:hi] if has_w else w
+            wb = w[lo:hi] if has_wj else w[:0]
             if narrow_to is not None:
                 not_nan = finite_row and math.isfinite(a_k)
                 rescale_narrow(g[lo:hi], narrow_to[lo:hi], a_k, b, wb, half, not_nan)
@@ -687,7 +693,7 @@ def xent_row(
                 rescale_grad(g[lo:hi], a_k, b, wb)
         if narrow_to is not None:
             # (g_t holds the cap's derivative already; the target's term takes it from xt)
-            g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_w else b)
+            g_t = block_factor(a, block_m, tgt // STATS_BLOCK, m) * g[tgt] - (b * w[tgt] if has_wj else b)
             narrow_to[tgt] = narrow_value(g_t - target_term(x, xt, cap, inv_cap, scale, eps, wt), half)
             return loss, lse
     # 3. The target's own term -(1 - eps) w_t, with its soft-cap factor.

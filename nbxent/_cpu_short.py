@@ -162,17 +162,18 @@ def short_row(c, e, tgt, w, w_sum, cap, eps, z, scale, want_grad, g, base, half)
     capped = cap > zero
     inv_cap = one / cap if capped else zero
     n = np.uint64(e.size)
+    has_wj = has_w and eps > zero  # w_j with smoothing only, as ``_cpu.xent_row`` (b = 0 without)
     if capped:  # times the cap's derivative, from the capped logits
         for j in range(n):
             r = c[j] * inv_cap
-            g[base + j] = stored(g, (a * e[j] - (b * w[j] if has_w else b)) * (one - r * r), half)
-    elif has_w:
+            g[base + j] = stored(g, (a * e[j] - (b * w[j] if has_wj else b)) * (one - r * r), half)
+    elif has_wj:
         for j in range(n):
             g[base + j] = stored(g, a * e[j] - b * w[j], half)
     else:
         for j in range(n):
             g[base + j] = stored(g, a * e[j] - b, half)
-    v = a * e[tgt] - (b * w[tgt] if has_w else b)
+    v = a * e[tgt] - (b * w[tgt] if has_wj else b)
     if capped:
         r = c[tgt] * inv_cap
         v = v * (one - r * r)
@@ -307,10 +308,11 @@ def tiny_group(tt, e, n, n_cols, tgts, i0, ignore_index, w, w_sum, cap, eps, z, 
             a[r], b[r] = grad_factors(like, s[r], lse[i], wt, w_sum, eps, z, scale[i])
     if not want_grad:
         return
-    # 4. the gradient (a e_j - b w_j) dxc_j/dx_j, then each row's target term
+    # 4. the gradient (a e_j - b w_j) dxc_j/dx_j, then each row's target term (w_j with
+    #    smoothing only, as ``_cpu.xent_row``: b = 0 without)
     for j in range(n_cols):
         jb = np.uint64(j) * stride
-        wj = w[j] if has_w else one
+        wj = w[j] if has_w and eps > zero else one
         if capped:
             for r in range(rows):
                 q = tt[jb + r] * inv_cap

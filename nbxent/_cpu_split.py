@@ -183,7 +183,7 @@ def xent_split(parts, x, x_off, n_cols, targets, ignore_index, w, w_sum, cap, ep
         gr = g[g_off[i] : g_off[i] + n_cols]
         for k in range(k0, k1):
             lo, hi = block_span(k, n_cols)
-            wb = w[lo:hi] if has_w else w
+            wb = w[lo:hi] if has_w and smooth else w[:0]  # w_j with smoothing only (``_cpu.xent_row``)
             if capped and smooth:  # g holds the capped logits (``block_store``)
                 write_capped_grad(gr[lo:hi], m0[i], a[i], b[i], wb, inv_cap)
             else:
@@ -338,7 +338,7 @@ def xent_split_16(
         not_nan = finite_row and math.isfinite(a[i])
         for k in range(k0, k1):
             lo, hi = block_span(k, n_cols)
-            wb = w[lo:hi] if has_w else w
+            wb = w[lo:hi] if has_w and smooth else w[:0]  # w_j with smoothing only (``_cpu.xent_row``)
             if capped and smooth:  # the scratch holds the capped logits
                 capped_narrow(sr[lo:hi], gr[lo:hi], m0[i], a[i], b[i], wb, inv_cap, half)
             else:
@@ -346,7 +346,7 @@ def xent_split_16(
         tgt = targets[i]
         if k0 * STATS_BLOCK <= tgt < min(k1 * STATS_BLOCK, n_cols):
             wt = w[tgt] if has_w else one
-            b_t = b[i] * w[tgt] if has_w else b[i]
+            b_t = b[i] * w[tgt] if has_w and smooth else b[i]
             if capped and smooth:  # the scratch holds the capped logits (as in ``xent_row``)
                 r = sr[tgt] * inv_cap
                 g_t = (a[i] * fast_exp16(sr[tgt] - m0[i]) - b_t) * (one - r * r)

@@ -849,7 +849,9 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int,
                     coef_p, coef_w, coef_t = grad_coefficients(sc, wt, w_sum, n_cols, eps, z, lse)
                     g_a = row_start(row, gn1, g0, gs0, gs1)
                     coefs = (m, log_s, coef_p, coef_w, coef_t, a + t)
-                    write_span(xw, gw, ge, (a, a + n_cols, a, g_a), lane, group, cap, inv_cap, coefs, w, has_w)
+                    write_span(
+                        xw, gw, ge, (a, a + n_cols, a, g_a), lane, group, cap, inv_cap, coefs, w, has_w and smooth
+                    )
             elif row < n_rows:
                 value = ZERO if fill == 0 else NAN
                 if lane == 0:
@@ -1029,7 +1031,9 @@ def kernel_sources(fmt: int, job: int, tgt_bits: int, threads: int, unroll: int,
                 sc = row_scale(row, reduction, stats, go, n_go, ACC(go_scalar_))
                 coef_p, coef_w, coef_t = grad_coefficients(sc, wt, w_sum, n_cols, eps, z, lse)
                 coefs = (m, log_s, coef_p, coef_w, coef_t, a + t)
-                write_span(xw, gw, ge, (lo, hi, a, g_a + (lo - a)), tid, threads, cap, inv_cap, coefs, w, has_w)
+                write_span(
+                    xw, gw, ge, (lo, hi, a, g_a + (lo - a)), tid, threads, cap, inv_cap, coefs, w, has_w and eps > ZERO
+                )
 
     i64, f64 = "int64", "float64"
     return {

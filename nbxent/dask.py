@@ -254,12 +254,15 @@ def _grad_block(x, t, st, scale, w, *, opts, n_classes, block_info=None):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lse = st["m"] + np.log(st["s"])
         wt = st["wt"]
-        a = scale * ((1.0 - eps) * wt + eps * st["wc"] / n_classes + 2.0 * z * wt * lse) / st["s"]
+        # W and w_j enter with smoothing only (as in memory): a NaN or inf weight of a class no
+        # kept row targets stays out of the gradient, as in PyTorch
+        smoothing = eps * st["wc"] / n_classes if eps > 0.0 else 0.0
+        a = scale * ((1.0 - eps) * wt + smoothing + 2.0 * z * wt * lse) / st["s"]
         a = np.where(st["nan"] > 0, np.nan, a)  # a row holding a NaN: NaN throughout, as in memory
         b = scale * eps / n_classes
         c = scale * (1.0 - eps) * wt
     factors = (st["m"].astype(acc), a.astype(acc), b.astype(acc), c.astype(acc))
-    wv = np.empty(0, acc) if w is None else np.ascontiguousarray(w.reshape(-1), dtype=acc)
+    wv = np.empty(0, acc) if w is None or eps == 0.0 else np.ascontiguousarray(w.reshape(-1), dtype=acc)
     g = np.empty((off.size, n_cols), acc)
     col0 = _col0(block_info)
     with _one_numba_thread():

@@ -61,7 +61,9 @@ def cross_entropy(
                 losses[i] += eps / v * np.sum(w * -logp)
             onehot = np.zeros(v)
             onehot[t[i]] = 1.0
-            g = (1 - eps) * wt * (p - onehot) + eps / v * (np.sum(w) * p - w) + 2 * z_loss * wt * lse * p
+            g = (1 - eps) * wt * (p - onehot) + 2 * z_loss * wt * lse * p
+            if eps > 0:  # as for the loss: the weights of other classes enter with smoothing only
+                g += eps / v * (np.sum(w) * p - w)
             if softcap is not None:
                 g = g * (1 - (xc / softcap) ** 2)
             grads[i] = g

@@ -354,6 +354,26 @@ def test_large_common_offset(offset):
 
 
 @pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_weight_no_kept_row_targets_is_never_read(chunking, reduction):
+    """As in memory (tests/test_torch_parity.py): without smoothing, an inf or NaN weight of a
+    class that only ignored rows hold, or none, stays out of the loss and the gradient."""
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((N, V)).astype(np.float32)
+    targets = rng.integers(4, V, N)
+    targets[::3] = 3
+    weight = rng.uniform(0.5, 1.5, V)
+    weight[[0, 3]] = [np.inf, np.nan]
+    opts = dict(weight=weight, ignore_index=3, reduction=reduction)
+    want_loss, want_grad = ref.cross_entropy(logits, targets, **opts)
+    assert np.isfinite(want_loss) and np.isfinite(want_grad).all()
+    dlogits = da.from_array(logits, chunks=CHUNKINGS[chunking])
+    loss, grad = dask.compute(*nxd.cross_entropy_with_grad(dlogits, targets, **opts))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-6 * np.abs(want_grad).max())
+
+
+@pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
 def test_all_ignored_mean_is_nan(chunking):
     logits = np.zeros((N, V), dtype=np.float32)
     targets = np.full(N, -100)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import nbxent as nx
+from tests import reference
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -64,6 +65,43 @@ def test_matches_torch(reduction, smoothing, weighted, ignore_index, dtype):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12 if exact else 1e-5, atol=1e-12 if exact else 1e-6)
     grad_tol = {np.float64: 1e-12, np.float32: 1e-6}.get(dtype, 1e-2)
     np.testing.assert_allclose(grad.astype(np.float64), want_grad, atol=grad_tol * np.abs(want_grad).max())
+
+
+@pytest.mark.parametrize("bad_weight", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "shape",
+    [(9, 7), (9, 300), (9, 3000), (1, 140000)],  # tiny, short, block kernels, one row split over threads
+)
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+def test_a_weight_no_kept_row_targets_is_never_read(bad_weight, shape, dtype):
+    """Without smoothing PyTorch reads the weights of the kept rows' targets alone: a NaN or inf
+    weight of a class that only ignored rows hold, or that no row holds (as ``1 / counts``
+    gives a class never seen), changes nothing. On the CPU the mean's divisor once read class
+    0's weight for every ignored row, times 0, and every kernel's gradient sweep took
+    ``0 * w_j``: NaN, a NaN column, or all NaN."""
+    rng = np.random.default_rng()
+    n_rows, n_cols = shape
+    logits = rng.standard_normal(shape).astype(dtype)
+    for reduction, softcap, ignore_index in [("mean", None, -100), ("sum", 30.0, 3), ("none", None, 3)]:
+        targets = rng.integers(4, n_cols, size=n_rows)
+        if n_rows > 1:
+            targets[[1, 5]] = ignore_index
+        weight = rng.uniform(0.5, 1.5, n_cols)
+        weight[[0, 3]] = bad_weight
+        opts = dict(reduction=reduction, ignore_index=ignore_index, weight=weight, softcap=softcap)
+        want_loss, want_grad = reference.cross_entropy(logits, targets, **opts)
+        if softcap is None:  # the reference itself, against PyTorch
+            torch_loss, torch_grad = torch_cross_entropy(
+                logits, targets, grad_output=1.0, label_smoothing=0.0, **{k: opts[k] for k in opts if k != "softcap"}
+            )
+            np.testing.assert_allclose(want_loss, torch_loss, rtol=1e-12)
+            np.testing.assert_allclose(want_grad, torch_grad, rtol=1e-10, atol=1e-14)
+        assert np.isfinite(want_loss).all() and np.isfinite(want_grad).all()
+        loss, grad = nx.cross_entropy_with_grad(logits, targets, **opts)
+        tol = 1e-5 if dtype == np.float32 else 1e-2
+        np.testing.assert_allclose(loss, want_loss, rtol=tol)
+        np.testing.assert_allclose(grad.astype(np.float64), want_grad, atol=tol * np.abs(want_grad).max())
+        np.testing.assert_allclose(nx.cross_entropy(logits, targets, **opts), want_loss, rtol=tol)
 
 
 def test_matches_torch_on_special_values():

@@ -260,6 +260,23 @@ def test_small_vocabularies(rng):
         assert_matches(host(loss), host(grad), logits, targets, reduction="none")
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_a_weight_no_kept_row_targets_is_never_read(rng, path):
+    """As on the CPU (tests/test_torch_parity.py): without smoothing, an inf or NaN weight of a
+    class that only ignored rows hold, or none, stays out of the loss and the gradient (the
+    gradient sweep once took ``0 * w_j``, a NaN column)."""
+    logits, _ = make_case(rng, (5, 300), np.float32)
+    targets = rng.integers(4, 300, 5)
+    targets[2] = 3
+    weight = rng.uniform(0.5, 1.5, 300)
+    weight[[0, 3]] = [np.inf, np.nan]
+    for reduction in ("mean", "sum"):
+        opts = dict(weight=weight, ignore_index=3, reduction=reduction)
+        loss, grad = nx.cross_entropy_with_grad(to_device(logits), to_device(targets), **opts)
+        assert np.isfinite(host(grad)).all()
+        assert_matches(host(loss), host(grad), logits, targets, **opts)
+
+
 def test_empty_and_all_ignored_batches():
     logits = np.zeros((0, 6), np.float32)
     targets = np.zeros(0, np.int64)
