@@ -12,6 +12,7 @@ Both backends (this one and ``_backend_cuda``) offer the same two entry points, 
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from typing import NamedTuple
 
@@ -227,7 +228,21 @@ def mean_divisor(xp, t, class_weight, ignore_index: int, n_classes: int) -> floa
     # selected, not multiplied by in_range: an ignored row reads class 0's weight, and a NaN or
     # inf there times 0 was NaN, where PyTorch sums the kept rows' weights alone
     picked = class_weight.astype(np.float64)[xp.where(in_range, t, 0)]
-    return float(xp.sum(xp.where(in_range, picked, 0.0)))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf is NaN, silently as in PyTorch
+        return float(xp.sum(xp.where(in_range, picked, 0.0)))
+
+
+# float32 rounds values of this magnitude and above to inf (2**128 - 2**103: halfway between
+# its largest finite value and 2**128, a tie that rounds to even, the infinity).
+_F32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def _in_range_of(v: float, acc) -> float:
+    """``v`` as ``acc(v)`` rounds it, beyond float32's range its signed infinity: the same value
+    that NumPy's cast gives, without its 'overflow encountered in cast' warning."""
+    if acc is np.float32 and abs(v) >= _F32_OVERFLOW:
+        return math.copysign(math.inf, v)
+    return v
 
 
 def _row_scale(grad_output, reduction: str, targets_shape, n_rows: int, total_weight: float, acc) -> np.ndarray:
@@ -236,12 +251,13 @@ def _row_scale(grad_output, reduction: str, targets_shape, n_rows: int, total_we
     _checks.check_grad_output_dtype(go.dtype)
     _checks.check_grad_output_shape(go.shape, reduction, targets_shape)
     if reduction == "none":
-        return np.ascontiguousarray(np.broadcast_to(go, targets_shape).reshape(-1), dtype=acc)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, as PyTorch's cast gives
+            return np.ascontiguousarray(np.broadcast_to(go, targets_shape).reshape(-1), dtype=acc)
     g = float(go)
     if reduction == "mean":
         g = _divide(g, total_weight)
     scale = np.empty(n_rows, dtype=acc)
-    scale.fill(g)  # np.full's fill, without its Python wrapper (3 us of a tiny call)
+    scale.fill(_in_range_of(g, acc))  # np.full's fill, without its Python wrapper (3 us of a tiny call)
     return scale
 
 
@@ -265,11 +281,13 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
     k = _constants(logits.dtype, n_cols, opts.softcap, opts.label_smoothing, opts.z_loss)
     acc = k.acc
     if weight is None:
-        w = k.empty
+        w, w_sum = k.empty, k.n_cols
     else:
         weight = np.asarray(weight)
         _checks.check_weight(weight.shape, weight.dtype, n_cols)
-        w = np.ascontiguousarray(weight, dtype=acc)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf beyond float32, NaN from inf - inf
+            w = np.ascontiguousarray(weight, dtype=acc)
+            w_sum = acc(np.sum(w, dtype=np.float64))
     # The kernels guard the range themselves (an unchecked bad target gives a NaN row), so
     # clipping to int64 here can never turn into an out-of-bounds read.
     t = _checks.int64_targets(np, targets.reshape(-1))
@@ -290,7 +308,6 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
         in_place = False
     loss_rows = np.empty(n_rows, dtype=acc)
     lse = np.empty(n_rows, dtype=acc)
-    w_sum = acc(np.sum(w, dtype=np.float64)) if w.size else k.n_cols
     common = (x_buf, x_off, n_cols, t, opts.ignore_index, w, w_sum, k.cap, k.eps, k.z, scale, g_buf, g_off)
     half = k.half
     if n_cols <= _cpu_short.SHORT_COLS:  # chosen by V alone, so that the bits depend on nothing else
@@ -316,14 +333,16 @@ def xent(logits, targets, weight, opts: _checks.Options, *, grad: bool, grad_out
 
 
 def _reduce(loss_rows: np.ndarray, reduction: str, shape, total_weight: float, acc):
-    """Reduce per-row losses in a fixed order (NumPy's pairwise float64 sum), so the result is
-    the same for any thread count; 'mean' divides by the weight sum (NaN when it is 0)."""
+    """Reduce per-row losses in a fixed order (``_cpu.pairwise_total``, a float64 pairwise
+    sum), so the result is the same for any thread count; 'mean' divides by the weight sum
+    (NaN when it is 0). No NumPy floating-point warnings: losses of +inf and -inf give NaN,
+    and a sum beyond float32's range inf, silently, as in PyTorch."""
     if reduction == "none":
         return loss_rows.reshape(shape)
-    total = np.add.reduce(loss_rows, dtype=np.float64)  # np.sum's pairwise sum, without its wrapper
-    if reduction == "sum":
-        return acc(total)
-    return acc(_divide(float(total), total_weight))
+    total = _cpu.pairwise_total(loss_rows)
+    if reduction == "mean":
+        total = _divide(total, total_weight)
+    return acc(_in_range_of(total, acc))
 
 
 def normalize(logits, mode: int, out, *, stream):

@@ -448,11 +448,12 @@ def _reduce(xp, loss_rows, reduction: str, shape, total_weight: float, acc):
     weight sum (NaN when it is 0)."""
     if reduction == "none":
         return loss_rows.reshape(shape)
-    total = xp.sum(loss_rows, dtype=np.float64)
-    if reduction == "mean":
-        with np.errstate(divide="ignore", invalid="ignore"):
+    # NaN from losses of +inf and -inf, inf beyond float32, 0 / 0: silently, as in PyTorch
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        total = xp.sum(loss_rows, dtype=np.float64)
+        if reduction == "mean":
             total = total / np.float64(total_weight)
-    return total.astype(acc)
+        return total.astype(acc)
 
 
 def _check_head(hidden, weight, bias) -> tuple[int, int]:

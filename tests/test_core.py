@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 
 import numba
@@ -1154,3 +1155,51 @@ def test_logsumexp_of_special_rows_is_torchs(dtype, n_cols):
     x[4, 0] = np.inf
     want = [np.nan, np.inf, -np.inf, np.nan, np.nan] if n_cols > 1 else [np.nan, np.inf, -np.inf, np.nan, np.inf]
     np.testing.assert_array_equal(nx.logsumexp(x.astype(dtype)), want)
+
+
+@pytest.mark.parametrize("n_cols", [3, 3000])  # a tiny-row kernel and the block kernels
+def test_infinite_results_raise_no_numpy_warning(n_cols):
+    """NaN and inf results come silently, as PyTorch gives them (warnings are errors here):
+    row losses of +inf and -inf summed, a sum beyond float32, grad_output and weights beyond
+    float32, weights of inf and -inf in the mean's divisor. NumPy's sum and casts warned."""
+    x = np.zeros((4, n_cols), np.float32)
+    x[0, 2] = x[1, 1] = -np.inf  # each row's target masked: a loss of +inf
+    t = np.array([2, 1, 2, 1])
+    w = np.ones(n_cols)
+    w[1] = -1.0  # row 1's loss -inf
+    assert np.isnan(nx.cross_entropy(x, t, weight=w, reduction="sum"))
+    big = np.zeros((4, n_cols), np.float32)
+    big[:, 0], big[:, 1] = 2e38, -1e38  # each row's loss 3e38, their sum beyond float32
+    assert nx.cross_entropy(big, np.ones(4, np.int64), reduction="sum") == np.inf
+    ok = np.random.default_rng().standard_normal((4, n_cols)).astype(np.float32)
+    t = np.array([2, 1, 2, 1])
+    for go in (1e300, -1e300):  # grad_output beyond float32: its infinity
+        g = nx.cross_entropy_backward(ok, t, go, reduction="sum")
+        np.testing.assert_array_equal(g, nx.cross_entropy_backward(ok, t, np.copysign(np.inf, go), reduction="sum"))
+    g = nx.cross_entropy_backward(ok, t, np.full(4, 1e300), reduction="none")
+    np.testing.assert_array_equal(g, nx.cross_entropy_backward(ok, t, np.full(4, np.inf), reduction="none"))
+    w = np.ones(n_cols)
+    w[2] = 1e300  # a weight beyond float32: its infinity
+    inf_w = w.copy()
+    inf_w[2] = np.inf
+    np.testing.assert_array_equal(
+        nx.cross_entropy(ok, t, weight=w, reduction="none"), nx.cross_entropy(ok, t, weight=inf_w, reduction="none")
+    )
+    w[[1, 2]] = [-np.inf, np.inf]  # the mean's divisor inf - inf
+    assert np.isnan(nx.cross_entropy(ok, t, weight=w))
+
+
+def test_pairwise_total_is_an_accurate_fixed_order_sum():
+    """The reduced loss's sum: within pairwise summation's error of the exact sum, at every
+    length around its block and level boundaries, and 0 for nothing."""
+    from nbxent._cpu import pairwise_total
+
+    rng = np.random.default_rng()
+    assert pairwise_total(np.zeros(0, np.float32)) == 0.0
+    for n in [1, 7, 8, 9, 127, 128, 129, 255, 256, 257, 383, 1000, 4097, 100_003]:
+        for dtype in (np.float32, np.float64):
+            a = (rng.standard_normal(n) * 10 ** rng.uniform(-3, 3, n)).astype(dtype)
+            exact = math.fsum(a.astype(np.float64))
+            bound = 4 * math.log2(n + 1) * np.finfo(np.float64).eps * np.abs(a.astype(np.float64)).sum()
+            assert abs(pairwise_total(a) - exact) <= bound
+            assert pairwise_total(a) == pairwise_total(a.copy())
