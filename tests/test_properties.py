@@ -80,3 +80,39 @@ def test_loss_is_shift_invariant(n_classes, shift):
     x = rng.standard_normal((3, n_classes))
     t = rng.integers(0, n_classes, 3)
     np.testing.assert_allclose(nx.cross_entropy(x + shift, t), nx.cross_entropy(x, t), rtol=1e-8, atol=1e-8)
+
+
+@st.composite
+def weights_no_kept_row_reads(draw):
+    """Weighted problems without smoothing where every class no kept row targets may have any
+    weight (inf, -inf, NaN, negative, 0, beyond float32) and masked logits (-inf) lie anywhere
+    but on the targets: PyTorch reads the kept rows' target weights alone."""
+    n_rows = draw(st.integers(1, 6))
+    n_classes = draw(st.integers(2, 40))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    logits = draw(hnp.arrays(dtype, (n_rows, n_classes), elements=st.floats(-30, 30, width=32)))
+    ignore_index = draw(st.sampled_from([-100, 0]))
+    targets = draw(hnp.arrays(np.int64, (n_rows,), elements=st.integers(0, n_classes - 1) | st.just(ignore_index)))
+    kept = set(targets[targets != ignore_index].tolist())
+    any_weight = st.sampled_from([np.inf, -np.inf, np.nan, -1.0, 0.0, 1e300]) | st.floats(0.1, 3.0)
+    weight = np.array([draw(st.floats(0.1, 3.0) if j in kept else any_weight) for j in range(n_classes)])
+    masked = draw(hnp.arrays(np.bool_, (n_rows, n_classes)))
+    masked[np.arange(n_rows), np.clip(targets, 0, None)] = False
+    logits[masked] = -np.inf
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    return logits, targets, {"reduction": reduction, "ignore_index": ignore_index, "weight": weight}
+
+
+@settings(max_examples=100, deadline=None)
+@given(weights_no_kept_row_reads())
+def test_weights_no_kept_row_targets_are_never_read(problem):
+    logits, targets, options = problem
+    want_loss, want_grad = ref.cross_entropy(logits, targets, **options)
+    loss, grad = nx.cross_entropy_with_grad(logits, targets, **options)  # (warnings are errors here)
+    tol = 1e-10 if logits.dtype == np.float64 else 2e-5
+    if options["reduction"] == "mean" and not (targets != options["ignore_index"]).any():
+        assert np.isnan(loss) and not grad.any()  # a mean over nothing
+        return
+    assert np.isfinite(want_loss).all() and np.isfinite(want_grad).all()
+    np.testing.assert_allclose(loss, want_loss, rtol=tol, atol=tol * (1 + np.abs(want_loss).max()))
+    np.testing.assert_allclose(grad, want_grad, rtol=0, atol=tol * max(1.0, np.abs(want_grad).max()))
