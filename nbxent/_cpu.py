@@ -620,8 +620,8 @@ def grad_factors(x, s, lse, wt, w_sum, eps, z, scale):
     one = as_dtype_of(x, 1)
     n = as_dtype_of(x, x.size)
     c = (one - eps) * wt
-    if eps > as_dtype_of(x, 0):  # W enters with smoothing only: a NaN or inf weight no row holds is
-        c += eps * w_sum / n  # PyTorch's business only then (0 * NaN would make every entry NaN)
+    if eps > as_dtype_of(x, 0):  # W with smoothing only: without, 0 * W made a NaN or inf weight of
+        c += eps * w_sum / n  # a class no row targets NaN everywhere (PyTorch reads w_t alone)
     a = scale * (c + as_dtype_of(x, 2) * z * wt * lse) / s
     b = scale * eps / n
     return a, b
