@@ -127,16 +127,40 @@ def _target_weight_block(t, w, *, ignore_index, n_classes):
 def _row_scale_block(t, grad_output, total_weight, *, acc):
     """The per-row gradient factor for a scalar grad_output (divided by the weight sum for
     'mean'), rounded to the accumulation dtype as the in-memory path rounds it."""
-    g = np.float64(grad_output)
-    if total_weight is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and NaN, silently
+        g = np.float64(grad_output)
+        if total_weight is not None:
             g = g / np.float64(total_weight)
-    return np.full(t.shape, g, dtype=acc)
+        return np.full(t.shape, g, dtype=acc)
 
 
 def _divide_block(total, total_weight, *, acc):
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return np.asarray(total / total_weight, dtype=acc)
+
+
+# NaN and inf results come silently, as in memory (``_backend_cpu._reduce``) and in PyTorch:
+# losses of +inf and -inf summed, sums and factors beyond float32. NumPy's sum and casts warn.
+def _quiet_sum(x, axis=None, keepdims=False, **kwargs):
+    """``np.sum(x, dtype=float64)`` without floating-point warnings (a ``da.reduction`` step)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.sum(x, axis=axis, keepdims=keepdims, dtype=np.float64)
+
+
+def _quiet_cast(x, *, to):
+    """``x.astype(to)`` without NumPy's overflow warning (float32's infinity beyond its range)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x.astype(to)
+
+
+def _sum(a: da.Array) -> da.Array:
+    """``a.sum(dtype=float64)``: the same tree of sums, without NumPy's warnings."""
+    return da.reduction(a, _quiet_sum, _quiet_sum, dtype=np.float64)
+
+
+def _cast(a: da.Array, dtype) -> da.Array:
+    """``a.astype(dtype)`` without NumPy's overflow warning (float32's infinity beyond its range)."""
+    return a.map_blocks(_quiet_cast, to=dtype, dtype=dtype, meta=np.empty((0,) * a.ndim, dtype))
 
 
 def _one_block_xent(x, t, scale, w, *, opts, want_grad):
@@ -230,7 +254,7 @@ def _loss_rows_block(st, t, *, opts, n_classes, acc):
         if z > 0.0:
             loss += z * wt * lse * lse
     loss = np.where((t >= 0) & (t < n_classes) & (st["nan"] == 0), loss, np.nan)
-    return np.where(t == opts.ignore_index, 0.0, loss).astype(acc)
+    return _quiet_cast(np.where(t == opts.ignore_index, 0.0, loss), to=acc)
 
 
 def _lse_block(st, *, acc):
@@ -239,7 +263,7 @@ def _lse_block(st, *, acc):
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = st["m"] + np.log(st["s"])
     lse = np.where(np.isinf(st["m"]), st["m"], lse)
-    return np.where(st["nan"] > 0, np.nan, lse).astype(acc)
+    return _quiet_cast(np.where(st["nan"] > 0, np.nan, lse), to=acc)
 
 
 def _grad_block(x, t, st, scale, w, *, opts, n_classes, block_info=None):
@@ -261,7 +285,7 @@ def _grad_block(x, t, st, scale, w, *, opts, n_classes, block_info=None):
         a = np.where(st["nan"] > 0, np.nan, a)  # a row holding a NaN: NaN throughout, as in memory
         b = scale * eps / n_classes
         c = scale * (1.0 - eps) * wt
-    factors = (st["m"].astype(acc), a.astype(acc), b.astype(acc), c.astype(acc))
+    factors = tuple(_quiet_cast(np.asarray(f), to=acc) for f in (st["m"], a, b, c))
     wv = np.empty(0, acc) if w is None or eps == 0.0 else np.ascontiguousarray(w.reshape(-1), dtype=acc)
     g = np.empty((off.size, n_cols), acc)
     col0 = _col0(block_info)
@@ -356,7 +380,7 @@ class _Problem:
             if not isinstance(weight, da.Array):
                 weight = np.asarray(weight)
             _checks.check_weight(weight.shape, weight.dtype, n_classes)
-            w = da.asarray(weight).astype(acc).reshape((1,) * (x.ndim - 1) + (n_classes,))
+            w = _cast(da.asarray(weight), acc).reshape((1,) * (x.ndim - 1) + (n_classes,))
             w_cols = w.rechunk((*w.chunks[:-1], x.chunks[-1]))
             w_full = w.rechunk((*w.chunks[:-1], (n_classes,)))
         self.x, self.t, self.w_cols, self.w_full = x, t, w_cols, w_full
@@ -375,7 +399,7 @@ class _Problem:
             meta=np.empty((0,) * self.x.ndim, np.float64),
             token="nbxent-target-weight",
         )
-        return per_row.sum()
+        return _sum(per_row)
 
     def row_scale(self, grad_output: Any, total_weight: da.Array | None) -> da.Array:
         """Each row's gradient factor, shaped like ``t`` in the accumulation dtype."""
@@ -384,7 +408,7 @@ class _Problem:
         _checks.check_grad_output_shape(go.shape, self.opts.reduction, self.targets_shape)
         if go.ndim:  # reduction='none', one value per row
             go = da.asarray(go)
-            return (go[None] if self.n_added else go).rechunk(self.t.chunks).astype(self.acc)
+            return _cast((go[None] if self.n_added else go).rechunk(self.t.chunks), self.acc)
         return da.map_blocks(
             _row_scale_block,
             self.t,
@@ -399,9 +423,9 @@ class _Problem:
         """The loss of ``opts.reduction`` from the rows' losses."""
         if self.opts.reduction == "none":
             return loss_rows[0] if self.n_added else loss_rows
-        total = loss_rows.sum(dtype=np.float64)
+        total = _sum(loss_rows)
         if self.opts.reduction == "sum":
-            return total.astype(self.acc)
+            return _cast(total, self.acc)
         return da.map_blocks(_divide_block, total, total_weight, acc=self.acc, meta=np.empty((), self.acc))
 
 

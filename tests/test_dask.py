@@ -374,6 +374,39 @@ def test_a_weight_no_kept_row_targets_is_never_read(chunking, reduction):
 
 
 @pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
+def test_infinite_results_raise_no_numpy_warning(chunking):
+    """As in memory (tests/test_core.py; warnings are errors here): NaN and inf come silently,
+    from losses of +inf and -inf summed, a sum beyond float32, and grad_output or weights
+    beyond float32."""
+    chunks = CHUNKINGS[chunking]
+    x = np.zeros((N, V), np.float32)
+    t = np.full(N, 2)
+    t[1] = 1
+    x[0, 2] = x[1, 1] = -np.inf  # the targets masked: losses of inf, and -inf by a weight of -1
+    w = np.ones(V)
+    w[1] = -1.0
+    for reduction in ("sum", "mean"):
+        assert np.isnan(
+            dask.compute(nxd.cross_entropy(da.from_array(x, chunks=chunks), t, weight=w, reduction=reduction))[0]
+        )
+    big = np.zeros((N, V), np.float32)
+    big[:, 0], big[:, 1] = 2e38, -1e38  # each row's loss 3e38
+    (total,) = dask.compute(nxd.cross_entropy(da.from_array(big, chunks=chunks), np.ones(N, np.int64), reduction="sum"))
+    assert total == np.inf
+    ok = np.random.default_rng().standard_normal((N, V)).astype(np.float32)
+    _, grad = dask.compute(
+        *nxd.cross_entropy_with_grad(da.from_array(ok, chunks=chunks), t, grad_output=1e300, reduction="sum")
+    )
+    np.testing.assert_array_equal(grad, nx.cross_entropy_backward(ok, t, np.inf, reduction="sum"))
+    w = np.ones(V)
+    w[3] = 1e300
+    (loss,) = dask.compute(
+        nxd.cross_entropy(da.from_array(ok, chunks=chunks), np.full(N, 3), weight=w, reduction="none")
+    )
+    assert np.all(loss == np.inf)
+
+
+@pytest.mark.parametrize("chunking", ["rows", "rows x vocab"])
 def test_all_ignored_mean_is_nan(chunking):
     logits = np.zeros((N, V), dtype=np.float32)
     targets = np.full(N, -100)
