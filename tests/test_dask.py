@@ -556,9 +556,12 @@ def client():
     # One task at a time per worker; nbxent.dask runs each block's kernel on the task's
     # thread, so the workers need no Numba thread pool.
     env = {"NUMBA_NUM_THREADS": "1"}
+    # dashboard_address=":0": any free port. With None the scheduler still serves HTTP on 8787,
+    # and two test workers starting clusters at once collided there ("Port 8787 is already in
+    # use": a warning, an error here).
     with (
         distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, env=env
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0", env=env
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as c,
     ):
