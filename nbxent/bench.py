@@ -138,11 +138,12 @@ def exp_floor_call(x: np.ndarray, sink: np.ndarray) -> Callable[[], object]:
     of the first STATS_BLOCK logits of its first row, against their max."""
     n_rows, n_cols = x.shape
     block = np.ascontiguousarray(x[0, : _cpu.STATS_BLOCK])
-    m = np.float32(block.astype(np.float32).max()) if x.itemsize == 2 else block.max()
     if x.itemsize == 2:
+        m = np.float32(block.astype(np.float32).max())
         half = HALF_BF16 if x.dtype.name == "bfloat16" else HALF_F16
         bits = block.view(np.uint16)
         return lambda: exp_pass16(bits, m, half, n_rows, n_cols, sink)
+    m = block.max()
     return lambda: exp_pass(block, m, n_rows, n_cols, sink)
 
 
