@@ -11,6 +11,8 @@ one-block-per-row-group path ("rows") and the split-row path ("split").
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -441,3 +443,41 @@ def test_dlpack_capsules_are_read_exactly():
     assert arr.dtype == np.dtype(ml_dtypes.bfloat16) and arr.ptr == t.data_ptr()
     assert arr.shape == (4, 5) and arr.strides == (12, 2)
     assert _backend_cuda.as_array(t) is None  # a CPU tensor is host data
+
+
+@pytest.mark.skipif(ON_DEVICE, reason="checks the simulator's shared memory (see conftest.py)")
+def test_shared_array_is_one_per_block():
+    """Every thread of a simulated block that asks for the shared array of one call site gets
+    the same array, however the threads interleave (numba-cuda 0.30.4's own look-up gave two
+    arrays in about 1 of 7 trials at this switch interval; conftest.py makes it atomic). A
+    second call site and a second launch still get arrays of their own."""
+    from numba.cuda.simulator import kernelapi
+
+    def ask(shared):
+        first = shared.array((4, 16), np.float32)
+        second = shared.array((3,), np.float64)  # the simulator tells call sites by line
+        return first, second
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # a thread switch about every bytecode or two
+    try:
+        for _ in range(100):
+            shared = kernelapi.FakeCUDAShared(0)
+            start = threading.Barrier(32)
+            got = []
+
+            def thread(shared=shared, start=start, got=got):
+                start.wait()
+                got.append(ask(shared))
+
+            threads = [threading.Thread(target=thread) for _ in range(32)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len({id(a) for a, _ in got}) == 1 and len({id(b) for _, b in got}) == 1
+            first, second = got[0]
+            assert first is not second and first.shape == (4, 16) and second.dtype == np.float64
+    finally:
+        sys.setswitchinterval(interval)
+    assert ask(kernelapi.FakeCUDAShared(0))[0] is not first  # a new launch, new arrays
