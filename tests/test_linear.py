@@ -45,6 +45,10 @@ OPTION_SETS = {
 }
 TOL = {np.float64: 1e-10, np.float32: 1e-4}  # float32: the target, 1e-4 relative
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIMULATED:  # the child process of test_gpu_path_under_the_cuda_simulator
+    from tests.cudasim import one_shared_array_per_block
+
+    one_shared_array_per_block()
 
 
 @pytest.fixture(autouse=True)
