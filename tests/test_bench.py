@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nbxent import bench, cli
+from tests.seeds import fresh_rng
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -41,7 +42,7 @@ def test_bench_prints_every_row(dtype, capsys):
 def test_exp_floor_sums_one_exp_an_entry(dtype, shape):
     """The compute floor does the work it stands for: each row's sink is the sum of exp(x - m)
     over n_cols entries, the first row's first block repeated along the row."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     x = (rng.standard_normal(shape) * 3).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     sink = np.full(shape[0], np.nan)
     bench.exp_floor_call(x, sink)()
@@ -55,7 +56,7 @@ def test_exp_floor_sums_one_exp_an_entry(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64])
 def test_parallel_copy_copies_every_row(dtype):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     src = rng.integers(0, 60000, size=(37, 1001)).astype(dtype)
     dst = np.full_like(src, 7)
     bench.parallel_copy(src, dst)
@@ -68,7 +69,7 @@ def test_parallel_copy_copies_every_row(dtype):
 def test_stream_copy_copies_every_row_at_any_alignment(n_cols, offset):
     """Whole lines go by streaming stores, the partial lines at each end by plain ones: rows
     that start anywhere in a line, shorter than a line, or one line long come out exact."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     n_rows = 7
     src = rng.integers(0, 65536, size=n_rows * n_cols + 64).astype(np.uint16)
     raw = np.full(n_rows * n_cols + 64, 7, np.uint16)
@@ -85,7 +86,7 @@ def test_stream_copy_copies_every_row_at_any_alignment(n_cols, offset):
 def test_stream_copy_of_a_view_at_an_odd_address_is_plain_and_exact():
     raw = np.zeros(3 * 100 * 2 + 1, np.uint8)
     dst = raw[1:].view(np.uint16).reshape(3, 100)  # misaligned: no entry starts a line
-    src = np.random.default_rng().integers(0, 65536, size=(3, 100)).astype(np.uint16)
+    src = fresh_rng().integers(0, 65536, size=(3, 100)).astype(np.uint16)
     bench.parallel_stream_copy(src, dst)
     np.testing.assert_array_equal(dst, src)
 

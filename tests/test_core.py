@@ -12,6 +12,7 @@ import pytest
 
 import nbxent as nx
 from tests import reference as ref
+from tests.seeds import fresh_rng
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -99,7 +100,7 @@ def assert_same_loss(got, want, msg=""):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 def test_matches_reference(dtype, reduction, options):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (13, 257), dtype, n_ignored=3)
     check(logits, targets, reduction=reduction, **resolve(options, rng, 257))
 
@@ -107,20 +108,20 @@ def test_matches_reference(dtype, reduction, options):
 @pytest.mark.parametrize("n_classes", [1, 2, 3, 31, 1000, 7919, 65537])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=lambda d: np.dtype(d).name)
 def test_odd_vocabulary_sizes(n_classes, dtype):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (5, n_classes), dtype)
     check(logits, targets, label_smoothing=0.1, z_loss=1e-4)
     check(logits, targets, softcap=2.0, reduction="none")
 
 
 def test_huge_vocabulary():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (3, 1_000_003), np.float32, n_ignored=0)
     check(logits, targets, label_smoothing=0.1)
 
 
 def test_three_dimensional_and_grad_output_per_row():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (2, 5, 11), np.float32, n_ignored=2)
     go = rng.standard_normal((2, 5))
     loss, _ = check(logits, targets, reduction="none", grad_output=go, weight=rng.uniform(0.5, 1.5, 11))
@@ -130,7 +131,7 @@ def test_three_dimensional_and_grad_output_per_row():
 
 
 def test_one_dimensional_logits_are_one_row():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits = rng.standard_normal(17).astype(np.float32)
     loss, grad = check(logits, np.array(4), reduction="none")
     assert np.shape(loss) == () and grad.shape == (17,)
@@ -139,7 +140,7 @@ def test_one_dimensional_logits_are_one_row():
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
 def test_row_strided_view_is_not_copied_and_is_correct(dtype):
     """The usual next-token shift: logits[:, :-1] of a (B, T, V) array."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     full = (rng.standard_normal((3, 9, 50)) * 2).astype(dtype)
     view = full[:, :-1]
     targets = rng.integers(0, 50, size=(3, 8))
@@ -151,7 +152,7 @@ def test_row_strided_view_is_not_copied_and_is_correct(dtype):
 
 
 def test_other_layouts_fall_back_to_a_copy():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     base = rng.standard_normal((40, 6)).astype(np.float32)
     targets = rng.integers(0, 40, size=6)
     check(base.T, targets)  # vocabulary axis strided
@@ -164,7 +165,7 @@ def test_other_layouts_fall_back_to_a_copy():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_in_place_gradient_equals_out_of_place(dtype):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (6, 301), dtype, n_ignored=2)
     opts = {"label_smoothing": 0.1, "softcap": 4.0, "z_loss": 1e-3, "weight": rng.uniform(0.5, 2, 301)}
     loss, grad = nx.cross_entropy_with_grad(logits, targets, **opts)
@@ -194,7 +195,7 @@ def test_out_of_place_gradient_over_blocks_equals_in_place(dtype, claim, monkeyp
     if claim is not None:
         monkeypatch.setattr(_cpu, "claims_output", lambda n_cols, l2=None: claim)
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     n = 2 * _cpu.STATS_BLOCK + 37
     logits, targets = make_case(rng, (5, n), dtype, n_ignored=1, scale=2.0)
     x = logits.astype(np.float32)
@@ -223,7 +224,7 @@ def test_out_of_place_gradient_over_blocks_equals_in_place(dtype, claim, monkeyp
 
 
 def test_inputs_are_never_modified():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (4, 33), np.float32)
     weight = rng.uniform(size=33)
     copies = [a.copy() for a in (logits, targets, weight)]
@@ -237,7 +238,7 @@ def test_inputs_are_never_modified():
 
 
 def test_backward_equals_the_fused_gradient():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (5, 40), np.float32)
     _, grad = nx.cross_entropy_with_grad(logits, targets, grad_output=3.0, label_smoothing=0.1)
     np.testing.assert_array_equal(nx.cross_entropy_backward(logits, targets, 3.0, label_smoothing=0.1), grad)
@@ -255,7 +256,7 @@ class TestCorners:
         assert nx.logsumexp(logits).shape == (0,)
 
     def test_all_rows_ignored(self):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         logits = rng.standard_normal((4, 9)).astype(np.float32)
         targets = np.full(4, 3)
         loss, grad = nx.cross_entropy_with_grad(logits, targets, ignore_index=3)
@@ -264,14 +265,14 @@ class TestCorners:
         assert nx.cross_entropy(logits, targets, ignore_index=3, reduction="sum") == 0
 
     def test_ignore_index_may_be_a_class_id(self):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         logits, _ = make_case(rng, (8, 5), np.float32)
         targets = np.array([0, 1, 2, 0, 4, 0, 3, 0])
         check(logits, targets, ignore_index=0, weight=rng.uniform(0.5, 2, 5), label_smoothing=0.1)
 
     @pytest.mark.parametrize("offset", [1e4, -1e4, 1e5])
     def test_large_common_offset(self, offset):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         logits = (rng.standard_normal((4, 100)) + offset).astype(np.float32)
         targets = rng.integers(0, 100, 4)
         loss, grad = nx.cross_entropy_with_grad(logits, targets, label_smoothing=0.1, reduction="none")
@@ -288,7 +289,7 @@ class TestCorners:
         assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
 
     def test_minus_inf_entries_are_masked_vocabulary(self):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         logits = rng.standard_normal((3, 20)).astype(np.float32)
         logits[:, 5:9] = -np.inf
         targets = np.array([0, 10, 19])
@@ -301,7 +302,7 @@ class TestCorners:
         assert np.isinf(nx.cross_entropy(logits, targets, label_smoothing=0.1))
 
     def test_nan_poisons_its_row_only(self):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         for dtype in DTYPES:
             logits = rng.standard_normal((3, 50)).astype(dtype)
             logits[1, 7] = np.nan
@@ -314,7 +315,7 @@ class TestCorners:
         """A 16-bit gradient is narrowed without a NaN test where no entry can be NaN; an
         infinite or NaN grad_output (and a masked entry, where inf * 0 is NaN) must still
         give the NaNs and infinities that the float32 computation gives."""
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         logits = rng.standard_normal((4, 3000)).astype(dtype)
         logits[:, 5] = -np.inf
         targets = np.array([0, 1, 2, 2999])
@@ -346,7 +347,7 @@ class TestCorners:
         in a late block must give what one whole-row max would."""
         from nbxent._cpu import STATS_BLOCK
 
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         n = 3 * STATS_BLOCK + 7
         rows = np.tile((rng.standard_normal(n) * 3).astype(np.float32), (4, 1))
         rows[0] = np.sort(rows[0])  # the max rises in every block
@@ -385,7 +386,7 @@ class TestCorners:
         place, against the reference; 16-bit rows are widened block by block."""
         from nbxent._cpu import STATS_BLOCK
 
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         n = 3 * STATS_BLOCK + 7
         base = (rng.standard_normal(n) * 3).astype(dtype)
         rows = np.tile(base, (5, 1))
@@ -428,7 +429,7 @@ class TestCorners:
         check counts them: ``_cpu.scan_targets``), calls of other dtypes and shapes between."""
         from nbxent import _cpu
 
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         for _ in range(20):
             n, v = int(rng.integers(1, 40)), int(rng.integers(1, 50))
             targets = rng.integers(0, v, n)
@@ -460,7 +461,7 @@ class TestCorners:
             assert _cpu.scan_targets(targets, v, -100) == (-1, kept)
 
     def test_targets_of_any_integer_dtype(self):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         logits = rng.standard_normal((6, 200)).astype(np.float32)
         targets = rng.integers(0, 200, 6)
         want = nx.cross_entropy(logits, targets)
@@ -482,7 +483,7 @@ def test_seed_example():
 class TestNormalizations:
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
     def test_softmax_log_softmax_logsumexp(self, dtype):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         x = (rng.standard_normal((3, 4, 129)) * 4).astype(dtype)
         x[0, 0, :5] = -np.inf
         x64 = x.astype(np.float64)
@@ -498,7 +499,7 @@ class TestNormalizations:
         np.testing.assert_allclose(lsm.astype(np.float64), ref.log_softmax(x64), rtol=out_tol, atol=out_tol * 10)
 
     def test_out_and_in_place(self):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         x = rng.standard_normal((5, 31)).astype(np.float32)
         want = nx.softmax(x)
         out = np.empty_like(x)
@@ -514,7 +515,7 @@ class TestNormalizations:
 
 
 def test_bitwise_identical_across_thread_counts_and_runs():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (37, 1003), np.float32, n_ignored=4)
     opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "weight": rng.uniform(0.5, 2, 1003)}
     results = []
@@ -590,7 +591,7 @@ def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
     from nbxent import _backend_cpu
     from nbxent._cpu import EXP_CLAMP, STATS_BLOCK
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     rows, _, _ = rows_around_the_clamp(rng)  # rows 1-5 are summed again: one thread each
     n = rows.shape[1]
     plain = (rng.standard_normal((40, n)) * 3).astype(np.float32)  # many rows: the order of a sum shows
@@ -654,7 +655,7 @@ def test_split_rows_of_odd_lengths(dtype, n_cols, monkeypatch):
     tolerance in a process of mixed kernels, see ``kernels_of_one_kind``), and the reference."""
     from nbxent import _backend_cpu
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     x = (rng.standard_normal((3, n_cols)) * rng.choice([1.0, 4.0, 20.0])).astype(dtype)
     t = np.array([0, n_cols - 1, rng.integers(n_cols)])
     opts = {"label_smoothing": 0.05, "weight": rng.uniform(0.5, 2.0, n_cols)}
@@ -699,7 +700,7 @@ def test_split_parts(n_rows, n_cols, threads, parts, monkeypatch):
 
 
 def test_concurrent_calls_from_python_threads():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     cases = [make_case(rng, (16, 2000 + i), np.float32) for i in range(6)]
     expected = [nx.cross_entropy_with_grad(x, t) for x, t in cases]
     errors = []
@@ -727,7 +728,7 @@ def test_concurrent_calls_from_python_threads():
     list(itertools.product(REDUCTIONS, [0.0, 0.3, 1.0], [False, True], [0.0, 0.01], [None, 1.5])),
 )
 def test_option_grid(reduction, smoothing, weighted, z, cap):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (7, 23), np.float32, n_ignored=2)
     weight = rng.uniform(0.1, 3, 23) if weighted else None
     check(logits, targets, reduction=reduction, label_smoothing=smoothing, weight=weight, z_loss=z, softcap=cap)
@@ -735,7 +736,7 @@ def test_option_grid(reduction, smoothing, weighted, z, cap):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_read_only_logits(dtype):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (5, 70), dtype)
     logits.flags.writeable = False
     check(logits, targets, label_smoothing=0.1)
@@ -751,7 +752,7 @@ def test_scratch_ring_changes_no_bit(dtype, monkeypatch):
     one scratch row, in place or not, serial or over threads."""
     from nbxent import _cpu
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     x = (rng.standard_normal((67, 3001)) * 4).astype(dtype)
     x[3, :2000] = -np.inf  # a row whose first blocks are masked
     t = rng.integers(0, x.shape[1], size=67)
@@ -806,7 +807,7 @@ def test_reference_max_is_raised_only_where_a_block_sum_reaches_the_clamp():
     stores each block against the max it was summed with, and agrees with the loss alone."""
     from nbxent import _cpu
 
-    rows, first_m, ref_max = rows_around_the_clamp(np.random.default_rng())
+    rows, first_m, ref_max = rows_around_the_clamp(fresh_rng())
     none = np.empty(0, np.float32)
     for r, row in enumerate(rows):
         m, s, _ = _cpu.row_stats(row, np.float32(0), none, False, _cpu.padded_ebuf(row))
@@ -837,7 +838,7 @@ def test_blocks_summed_against_a_lower_reference_max(dtype, options):
     precision, where the dtype holds them."""
     from nbxent._cpu import STATS_BLOCK
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     rows, _, _ = rows_around_the_clamp(rng)
     rows = rows.astype(dtype)
     n = rows.shape[1]
@@ -865,7 +866,7 @@ def test_loss_alone_equals_the_fused_loss_bit_for_bit(dtype):
     soft-capping with and without smoothing (float64 to 2 ulp: see ``assert_same_loss``)."""
     from nbxent._cpu import STATS_BLOCK
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     for n in (1, 7, 100, STATS_BLOCK - 1, STATS_BLOCK + 1, 3 * STATS_BLOCK + 5):
         for options in ({}, {"label_smoothing": 0.1}, {"softcap": 20.0}, {"softcap": 20.0, "label_smoothing": 0.1}):
             x = (rng.standard_normal((6, n)) * rng.choice([1.0, 3.0, 30.0])).astype(dtype)
@@ -890,7 +891,7 @@ def test_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, fmt):
     widened in the store loop, into a float32 ``g`` that is never their memory."""
     from nbxent import _cpu
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     rows = (rng.standard_normal((23, 37)) * 3).astype(np.float32)
     half = {"float32": 0, "float16": _cpu.HALF_F16, "bfloat16": _cpu.HALF_BF16}[fmt]
     if half:
@@ -925,7 +926,7 @@ def test_capped_block_sums_do_not_depend_on_where_the_arrays_lie(smooth, dtype):
     would run the scalar loop (another order of the sums), never fails."""
     from nbxent import _cpu
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     n = 37
     rows = (rng.standard_normal((23, n)) * 30).astype(dtype)
     m, cap = dtype(5.0), dtype(30.0)
@@ -985,7 +986,7 @@ def with_specials(rng, logits):
 def test_short_rows_match_reference(options, dtype, n_cols):
     """More rows than a tiny group holds, and a last group short of full, against the float64
     reference, with every option set."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (2 * 64 + 7, n_cols), dtype, n_ignored=5)
     check(logits, targets, reduction="none", **resolve(options, rng, n_cols))
     check(logits, targets, reduction="mean", grad_output=2.0, **resolve(options, rng, n_cols))
@@ -1000,7 +1001,7 @@ def test_short_kernels_agree_with_the_block_kernels(dtype, n_cols, monkeypatch):
     kernels take a shorter exp, 5 ulp)."""
     from nbxent import _cpu_short
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (70, n_cols), dtype, n_ignored=4)
     logits = with_specials(rng, logits)
     targets[6] = n_cols + 3  # unchecked: a NaN row
@@ -1035,7 +1036,7 @@ def test_short_rows_give_the_same_bits_every_way(dtype, n_cols):
     """A short row's loss and gradient are the same bits alone or fused, in place or not, on
     one thread or all, and wherever the row falls in the batch (which tiny group, which lane,
     a last group short of full)."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, (3 * 64 + 5, n_cols), dtype, n_ignored=3)
     logits = with_specials(rng, logits)
     for opts in ({}, resolve(OPTION_SETS["everything"], rng, n_cols), {"softcap": 2.0, "label_smoothing": 0.2}):
@@ -1076,7 +1077,7 @@ def test_short_rows_normalized(dtype, n_cols, monkeypatch):
     same bits in place and out, on one thread or all, wherever a row falls in the batch."""
     from nbxent import _cpu_short
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     x = (rng.standard_normal((2 * 64 + 7, n_cols)) * 4).astype(dtype)
     x64 = x.astype(np.float64)
     rtol = {8: 1e-12, 4: 2e-6}.get(np.dtype(dtype).itemsize, 2.0**-7 if dtype != np.float16 else 2.0**-10)
@@ -1124,7 +1125,7 @@ def test_confident_rows_keep_their_small_loss(n_cols):
     ``cross_entropy`` was off by up to 5.5e-5 at V = 32000: its sum of exps, 1 and many
     terms below 1e-8, drops them in the accumulator lane that holds the 1). Loss alone and
     fused, split over threads or not."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     n_rows = 16
     x = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
     t = rng.integers(100, n_cols, n_rows)
@@ -1171,7 +1172,7 @@ def test_infinite_results_raise_no_numpy_warning(n_cols):
     big = np.zeros((4, n_cols), np.float32)
     big[:, 0], big[:, 1] = 2e38, -1e38  # each row's loss 3e38, their sum beyond float32
     assert nx.cross_entropy(big, np.ones(4, np.int64), reduction="sum") == np.inf
-    ok = np.random.default_rng().standard_normal((4, n_cols)).astype(np.float32)
+    ok = fresh_rng().standard_normal((4, n_cols)).astype(np.float32)
     t = np.array([2, 1, 2, 1])
     for go in (1e300, -1e300):  # grad_output beyond float32: its infinity
         g = nx.cross_entropy_backward(ok, t, go, reduction="sum")
@@ -1194,7 +1195,7 @@ def test_pairwise_total_is_an_accurate_fixed_order_sum():
     length around its block and level boundaries, and 0 for nothing."""
     from nbxent._cpu import pairwise_total
 
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     assert pairwise_total(np.zeros(0, np.float32)) == 0.0
     for n in [1, 7, 8, 9, 127, 128, 129, 255, 256, 257, 383, 1000, 4097, 100_003]:
         for dtype in (np.float32, np.float64):

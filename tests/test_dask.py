@@ -21,6 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 import nbxent as nx  # noqa: E402
 import nbxent.dask as nxd  # noqa: E402
 from tests import reference as ref  # noqa: E402
+from tests.seeds import fresh_rng  # noqa: E402
 
 N, V = 23, 37
 # Row chunks x vocabulary chunks; "one vocab block" cases must match the in-memory path bitwise.
@@ -288,7 +289,7 @@ def test_a_nan_anywhere_in_a_row_makes_it_nan(dtype):
     The NaNs lie past the first 64 logits of their block, which a block's reference max
     looks at (``_cpu.REF_SAMPLE``): there a block's (max, sum) do not show them. Until the
     seventeenth session the rows with +inf got the lse +inf."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng, np.float32, (8, 200))
     targets[:] = 1
     logits[0, [150, 90]] = np.inf, np.nan  # +inf and NaN in different blocks
@@ -358,7 +359,7 @@ def test_large_common_offset(offset):
 def test_a_weight_no_kept_row_targets_is_never_read(chunking, reduction):
     """As in memory (tests/test_torch_parity.py): without smoothing, an inf or NaN weight of a
     class that only ignored rows hold, or none, stays out of the loss and the gradient."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits = rng.standard_normal((N, V)).astype(np.float32)
     targets = rng.integers(4, V, N)
     targets[::3] = 3
@@ -393,7 +394,7 @@ def test_infinite_results_raise_no_numpy_warning(chunking):
     big[:, 0], big[:, 1] = 2e38, -1e38  # each row's loss 3e38
     (total,) = dask.compute(nxd.cross_entropy(da.from_array(big, chunks=chunks), np.ones(N, np.int64), reduction="sum"))
     assert total == np.inf
-    ok = np.random.default_rng().standard_normal((N, V)).astype(np.float32)
+    ok = fresh_rng().standard_normal((N, V)).astype(np.float32)
     _, grad = dask.compute(
         *nxd.cross_entropy_with_grad(da.from_array(ok, chunks=chunks), t, grad_output=1e300, reduction="sum")
     )
@@ -432,7 +433,7 @@ def test_unvalidated_bad_target_gives_nan_row(chunking):
 def test_unvalidated_huge_uint64_target_gives_nan_row(chunking):
     """Unvalidated uint64 targets beyond int64 give NaN rows, as in memory (clipped to int64:
     out of range), and leave the other rows alone."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits, targets = make_case(rng)
     targets = np.where(targets < 0, 1, targets).astype(np.uint64)  # no ignored rows: -100 would wrap
     targets[2] = 2**64 - 1

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 import nbxent as nx
+from tests.seeds import fresh_rng
 
 V = 10
 
 
 @pytest.fixture
 def case():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     return rng.standard_normal((4, V)).astype(np.float32), np.array([1, 2, 3, 4])
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nbxent import _jit
+from tests.seeds import fresh_rng
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -74,7 +75,7 @@ class TestExp:
 
     def test_random_arguments_where_the_kernels_call_it(self, name):
         fn, _, bound_nonpos, _ = EXPS[name]
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         x = -np.abs(rng.standard_normal(1_000_000) * 10).astype(np.float32)  # x - max <= 0
         assert ulp_error(fn(x), x, np.exp).max() <= bound_nonpos
 
@@ -112,7 +113,7 @@ class TestExpFloat64:
         return ulp_error_64(exp_f64(x), x, np.exp)
 
     def test_within_1_ulp_over_its_domain(self):
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         x = np.concatenate(
             [
                 rng.uniform(-708.0, 709.0, 2_000_000),
@@ -141,7 +142,7 @@ tanh_f64 = _elementwise(_jit.tanh_f64, np.float64)
 
 
 def test_tanh_f64_within_2_ulp_and_saturating():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     x = np.concatenate(
         [
             rng.uniform(-25.0, 25.0, 1_000_000),
@@ -191,7 +192,7 @@ class TestSixteenBitConversions:
     def test_float32_to_16_bit_rounds_to_nearest_even(self, name):
         dtype = ml_dtypes.bfloat16 if name == "bfloat16" else np.float16
         narrow = f32_to_bf16 if name == "bfloat16" else f32_to_f16
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         # every float32 near every 16-bit value (ties included), and random bit patterns
         wide = self.all_bits.view(dtype).astype(np.float32).view(np.uint32).astype(np.int64)
         near = (wide[:, None] + np.arange(-3, 4)).reshape(-1)
@@ -212,7 +213,7 @@ class TestSixteenBitConversions:
         """``max_bits16`` against NumPy's max of the values: every bit pattern, and random
         blocks of every length up to 70 (the vector loop's remainders) with infinities."""
         dtype = ml_dtypes.bfloat16 if name == "bfloat16" else np.float16
-        rng = np.random.default_rng()
+        rng = fresh_rng()
         values = self.all_bits.view(dtype).astype(np.float32)
         not_nan = self.all_bits[~np.isnan(values)]
         blocks = [not_nan, not_nan[::-1], rng.permutation(not_nan)]

@@ -30,6 +30,7 @@ import nbxent as nx
 from nbxent import linear
 from nbxent.linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from tests import reference as ref
+from tests.seeds import fresh_rng
 
 N_HIDDEN, N_CLASSES = 6, 37
 LEAD = (3, 5)  # 15 rows, as a 3-D hidden: chunk sizes 2 and 4 do not divide them
@@ -202,7 +203,7 @@ JUDGES = {"numpy": reference, "torch": torch_reference}
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 def test_matches_materialized_logits(judge, dtype, chunk_size, with_bias, reduction, options):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     opts = resolve(options, rng)
     hidden, weight, bias, targets = make_problem(
         rng, LEAD, dtype, bias=with_bias, ignore_index=opts.get("ignore_index", -100)
@@ -224,7 +225,7 @@ def test_matches_materialized_logits(judge, dtype, chunk_size, with_bias, reduct
 @pytest.mark.parametrize("judge", JUDGES.values(), ids=JUDGES.keys())
 @pytest.mark.parametrize("grad_output", [2.5, np.float32(0.5), "per row"])
 def test_grad_output_scalar_or_per_row_for_none(judge, grad_output):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, LEAD, np.float64)
     go = rng.standard_normal(LEAD) if isinstance(grad_output, str) else grad_output
     check(judge, hidden, weight, targets, bias=bias, chunk_size=4, grad_output=go, reduction="none")
@@ -235,7 +236,7 @@ def test_grad_output_scalar_or_per_row_for_none(judge, grad_output):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_default_chunks_from_the_memory_budget(monkeypatch, dtype):
     """With the budget at 3 rows of logits, the default chunking runs 5 chunks of 15 rows."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, LEAD, dtype)
     monkeypatch.setattr(linear, "CHUNK_BYTES", 3 * N_CLASSES * np.dtype(dtype).itemsize)
     check(reference, hidden, weight, targets, bias=bias, label_smoothing=0.1, class_weight=rng.uniform(0.5, 2, 37))
@@ -243,7 +244,7 @@ def test_default_chunks_from_the_memory_budget(monkeypatch, dtype):
 
 @pytest.mark.parametrize("lead", [(), (1,), (40,), (2, 3, 4)], ids=str)
 def test_any_number_of_leading_axes(lead):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, lead, np.float64)
     for reduction in ("mean", "none"):
         check(reference, hidden, weight, targets, bias=bias, chunk_size=3, reduction=reduction)
@@ -253,7 +254,7 @@ def test_any_number_of_leading_axes(lead):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch(lead, reduction):
     """No rows: 'mean' is NaN (0/0, like PyTorch), 'sum' is 0, and every gradient is zero."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, lead, np.float32)
     loss, grad_hidden, grad_weight, grad_bias = check(
         reference, hidden, weight, targets, bias=bias, reduction=reduction
@@ -268,7 +269,7 @@ def test_empty_batch(lead, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(judge, reduction):
     """The mean over no rows is NaN, but no NaN reaches the gradients: they are all zero."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, _ = make_problem(rng, LEAD, np.float32)
     targets = np.full(LEAD, -100)
     loss, *grads = check(judge, hidden, weight, targets, bias=bias, chunk_size=4, reduction=reduction)
@@ -279,7 +280,7 @@ def test_all_rows_ignored(judge, reduction):
 def test_equals_cross_entropy_of_the_product():
     """The same numbers as the public cross_entropy of the materialized logits, bit for bit
     in the loss rows when the chunk is the whole batch (one matrix product, one kernel call)."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, (64,), np.float32, n_classes=300)
     opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 20.0, "reduction": "none"}
     logits = hidden @ weight.T + bias
@@ -293,7 +294,7 @@ def test_equals_cross_entropy_of_the_product():
 
 
 def test_inputs_are_left_untouched():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     arrays = make_problem(rng, LEAD, np.float32)
     before = [a.copy() for a in arrays]
     linear_cross_entropy_with_grad(*arrays[:2], arrays[3], bias=arrays[2], chunk_size=4)
@@ -303,7 +304,7 @@ def test_inputs_are_left_untouched():
 
 def test_non_contiguous_inputs():
     """A next-token shift of hidden (a row-strided view) and a transposed (H, V) head."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, (3, 9), np.float64)
     head_t = np.ascontiguousarray(weight.T)  # stored as (H, V), passed as its (V, H) transpose
     check(reference, hidden[:, :-1], head_t.T, targets[:, 1:], bias=bias, chunk_size=5)
@@ -311,7 +312,7 @@ def test_non_contiguous_inputs():
 
 
 def test_unvalidated_bad_target_gives_a_nan_row():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, (5,), np.float32)
     targets[1] = N_CLASSES + 5
     loss = linear_cross_entropy(hidden, weight, targets, reduction="none", validate=False, chunk_size=2)
@@ -321,7 +322,7 @@ def test_unvalidated_bad_target_gives_a_nan_row():
 def test_never_holds_the_full_logits():
     """NumPy reports its allocations to tracemalloc: the chunked call's peak is one chunk of
     logits, the scratch and the gradients; the materialized call's is at least all logits."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     n_rows, n_hidden, n_classes, chunk = 512, 8, 2000, 16
     hidden, weight, bias, targets = make_problem(rng, (n_rows,), np.float64, n_hidden=n_hidden, n_classes=n_classes)
     item = 8
@@ -409,7 +410,7 @@ def test_property_chunking_does_not_change_the_loss_rows(problem, chunk_size):
 
 @pytest.fixture
 def good():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, (4,), np.float32)
     return hidden, weight, targets, bias
 
@@ -669,7 +670,7 @@ def _simulated_cases():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # simulated threads warn on IEEE inf - inf
 @pytest.mark.parametrize("options,reduction", _simulated_cases())
 def test_simulated_gpu_matches_reference(simulated_gpu, options, reduction):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     opts = resolve(options, rng)
     hidden, weight, bias, targets = make_problem(
         rng, (6,), np.float32, n_hidden=5, bias=reduction != "sum", ignore_index=opts.get("ignore_index", -100)
@@ -691,7 +692,7 @@ def test_simulated_gpu_matches_reference(simulated_gpu, options, reduction):
 @needs_simulator
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_simulated_gpu_float64_every_option(simulated_gpu):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     hidden, weight, bias, targets = make_problem(rng, (2, 3), np.float64, n_hidden=5)
     opts = resolve(OPTION_SETS["everything"], rng)
     check(reference, hidden, weight, targets, bias=bias, chunk_size=4, reduction="mean", **opts)

@@ -13,6 +13,7 @@ import pytest
 
 import nbxent as nx
 from tests import reference
+from tests.seeds import fresh_rng
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -51,7 +52,7 @@ CASES = list(
     "dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name
 )
 def test_matches_torch(reduction, smoothing, weighted, ignore_index, dtype):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     shape = (3, 5, 211)
     logits = (rng.standard_normal(shape) * 3).astype(dtype)
     targets = rng.integers(0, shape[-1], size=shape[:-1])
@@ -79,7 +80,7 @@ def test_a_weight_no_kept_row_targets_is_never_read(bad_weight, shape, dtype):
     gives a class never seen), changes nothing. On the CPU the mean's divisor once read class
     0's weight for every ignored row, times 0, and every kernel's gradient sweep took
     ``0 * w_j``: NaN, a NaN column, or all NaN."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     n_rows, n_cols = shape
     logits = rng.standard_normal(shape).astype(dtype)
     for reduction, softcap, ignore_index in [("mean", None, -100), ("sum", 30.0, 3), ("none", None, 3)]:
@@ -105,7 +106,7 @@ def test_a_weight_no_kept_row_targets_is_never_read(bad_weight, shape, dtype):
 
 
 def test_matches_torch_on_special_values():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     logits = rng.standard_normal((5, 64)).astype(np.float32) * 3
     logits[0, :10] = -np.inf  # masked vocabulary
     logits[1] += 1e4
@@ -121,7 +122,7 @@ def test_matches_torch_on_special_values():
 
 
 def test_softmax_family_matches_torch():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     x = rng.standard_normal((4, 7, 300)).astype(np.float32) * 5
     x[0, 0, :3] = -np.inf
     t = torch.tensor(x.astype(np.float64))

@@ -21,6 +21,7 @@ from numba import cuda
 import nbxent as nx
 from nbxent import _backend_cuda, _checks, _cuda, api
 from tests import reference as ref
+from tests.seeds import fresh_rng
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 hypothesis = pytest.importorskip("hypothesis")
@@ -64,9 +65,7 @@ def path(request, monkeypatch):
 
 @pytest.fixture
 def rng():
-    seed = np.random.SeedSequence().entropy
-    print(f"random seed: {seed}")  # shown when a test fails
-    return np.random.default_rng(seed)
+    return fresh_rng()  # its seed is shown when a test fails
 
 
 def to_device(a):
@@ -194,7 +193,7 @@ def test_special_rows_follow_the_cpu(path):
     """-inf, +inf and NaN logits, an all -inf row, a target at -inf: the NaN and inf pattern
     of the CPU backend; and a large common offset (1e4), where float32 keeps full accuracy
     because probabilities are taken as exp((x - max) - log s)."""
-    logits = np.random.default_rng().standard_normal((8, 97)).astype(np.float32)
+    logits = fresh_rng().standard_normal((8, 97)).astype(np.float32)
     logits[0, :50] = -np.inf
     logits[1, :] = -np.inf
     logits[2, 5] = np.inf
@@ -287,7 +286,7 @@ def test_empty_and_all_ignored_batches():
         np.testing.assert_equal(host(loss), np.float32(want))
         assert host(grad).shape == (0, 6)
     assert host(nx.cross_entropy(to_device(logits), to_device(targets), reduction="none")).shape == (0,)
-    logits = np.random.default_rng().standard_normal((3, 6)).astype(np.float32)
+    logits = fresh_rng().standard_normal((3, 6)).astype(np.float32)
     ignored = to_device(np.full(3, -100))
     loss, grad = nx.cross_entropy_with_grad(to_device(logits), ignored, weight=np.ones(6))
     assert np.isnan(host(loss))
