@@ -445,7 +445,10 @@ def _accumulate_matmul(xp, a, b, out, scratch) -> None:
 
 def _reduce(xp, loss_rows, reduction: str, shape, total_weight: float, acc):
     """As ``cross_entropy`` reduces: a float64 sum in a fixed order; 'mean' divides by the
-    weight sum (NaN when it is 0)."""
+    weight sum (NaN when it is 0). On the CPU it is ``cross_entropy``'s own reduction (the same
+    bits from the same row losses); on a GPU, CuPy's sum."""
+    if xp is np:
+        return _backend_cpu._reduce(loss_rows, reduction, shape, total_weight, acc)
     if reduction == "none":
         return loss_rows.reshape(shape)
     # NaN from losses of +inf and -inf, inf beyond float32, 0 / 0: silently, as in PyTorch
