@@ -17,9 +17,9 @@ def one_shared_array_per_block() -> None:
     block and its reduction reads its own stale values. It happened once in CI (a loss of
     5.878 against 7.417); 32 threads asking at once got two arrays in 1 of 200 trials at the
     switch interval of tests/cuda_sim (0.5 ms), 31 of 200 at 1 us
-    (``test_shared_array_is_one_per_block``). Here the
-    look-up and the store are one step under a lock; the call site is the caller's frame,
-    as in the original (which read it from a full ``traceback.extract_stack``).
+    (``test_shared_array_is_one_per_block``). Here the look-up and the store are one step
+    under a lock; the call site is the caller's frame, as in the original (which read it from
+    a full ``traceback.extract_stack``).
     """
     from numba.cuda.simulator import kernelapi
 
