@@ -12,13 +12,16 @@ must keep ``-inf`` (masked vocabulary) and NaN (a broken row) meaningful.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba.core import cgutils, types
+from numba.core.codegen import CPUCodeLibrary
 from numba.extending import intrinsic, overload
 
 # Fast-math flags, in two sets. Neither has ``nnan``/``ninf`` (``-inf`` masks vocabulary,
@@ -42,6 +45,70 @@ CACHE = os.environ.get("NBXENT_NO_CACHE", "") == ""
 
 _OPTIONS = {"cache": CACHE, "error_model": "numpy"}  # "numpy": no ZeroDivisionError branch in
 #                                                      float division, which blocks SIMD
+
+
+# Every compiled function runs its own copies of the helpers it calls, in every process.
+# Numba links a copy of each callee (``row_stats``, ``block_exp_sum``, ...) into the caller's
+# module as a weak (``linkonce_odr``) symbol and optimizes the whole module again, while the
+# callee's own library sits in the JIT under the same name. A process that compiled a kernel
+# therefore bound its calls to the callee compiled on its own (a strong symbol, there first),
+# and a process that loaded the kernel from the cache ran the kernel's linked copy; where a
+# sum carries ``reassoc`` the two copies can order it differently, so the first process after
+# an install and every later one gave losses a last bit apart (docs/cpu.md, "Compiled and
+# cached kernels"). So, once the callees are linked in, the weak copies are renamed with a tag
+# of their library (a hash of the names it exports: function and signature), leaving a call
+# nothing else to bind to; and the module handed on for linking into callers gets the plain
+# names back, so that callers merge the copies as before. The machine code is that of a kernel
+# loaded from the cache: same copies, same linkage, so the same inlining. Only libraries
+# holding this package's code are touched (Numba mangles its names ``_ZN6nbxent...``).
+_OWN_CODE = "_ZN6nbxent"
+
+
+def _rename_linked_copies(library) -> None:
+    """Give the weak copies linked into ``library``'s module names of its own."""
+    defined = [f for f in library._final_module.functions if not f.is_declaration]
+    copies = [f for f in defined if f.linkage == llvm.Linkage.linkonce_odr]
+    if not copies or not any(f.name.startswith(_OWN_CODE) for f in defined):
+        return
+    exported = sorted(f.name for f in defined if f.linkage == llvm.Linkage.external)
+    library.nbxent_copy_tag = "." + hashlib.sha1("\n".join(exported).encode()).hexdigest()[:16]
+    for f in copies:
+        f.name += library.nbxent_copy_tag
+
+
+def _plain_names_for_linking(library, module) -> None:
+    """Undo ``_rename_linked_copies`` in the copy of the module that callers link in."""
+    tag = getattr(library, "nbxent_copy_tag", "")
+    if tag and module is not library._final_module:  # never the module already in the JIT
+        for f in module.functions:
+            if f.name.endswith(tag):
+                f.name = f.name[: -len(tag)]
+
+
+def _own_copies_of_helpers() -> None:
+    optimize, for_linking = CPUCodeLibrary._optimize_final_module, CPUCodeLibrary._get_module_for_linking
+    if getattr(optimize, "nbxent_renames_copies", False):  # this module imported twice
+        return
+
+    @functools.wraps(optimize)
+    def optimize_final_module(self):
+        _rename_linked_copies(self)
+        optimize(self)
+
+    @functools.wraps(for_linking)
+    def get_module_for_linking(self):
+        made = self._shared_module is None
+        module = for_linking(self)
+        if made:
+            _plain_names_for_linking(self, module)
+        return module
+
+    optimize_final_module.nbxent_renames_copies = True
+    CPUCodeLibrary._optimize_final_module = optimize_final_module
+    CPUCodeLibrary._get_module_for_linking = get_module_for_linking
+
+
+_own_copies_of_helpers()
 
 # Small helpers, left to LLVM to inline; each keeps its own (exact) flags there.
 jit_helper = functools.partial(numba.njit, fastmath=FASTMATH, **_OPTIONS)
