@@ -83,17 +83,10 @@ def check(logits, targets, rng=None, grad_output=1.0, **opts):
 
 
 def assert_same_loss(got, want, msg=""):
-    """The loss-only and fused kernels give the same bits, except float64 to 2 ulp: its exp is
-    a scalar libm call, and the loops around it were seen to sum in different orders in a
-    process that compiles the kernels (a clean clone's first test run: 159 of 3000 cases)
-    while they agree in every process that loads them from the compile cache."""
-    got, want = np.asarray(got), np.asarray(want)
-    if got.dtype == np.float64:
-        finite = np.isfinite(want)
-        np.testing.assert_array_equal(got[~finite], want[~finite], err_msg=msg)  # NaN, inf alike
-        np.testing.assert_array_max_ulp(got[finite], want[finite], maxulp=2)
-    else:
-        np.testing.assert_array_equal(got, want, err_msg=msg)
+    """The loss-only and fused kernels give the same values (NaN where NaN), every dtype: they
+    sum each row in the same loops, and every process runs the same machine code, compiled in
+    it or loaded from the cache (``tests/test_compile_cache.py``)."""
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=msg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -532,49 +525,9 @@ def test_bitwise_identical_across_thread_counts_and_runs():
 
 
 def assert_same_bits(got, want, msg=""):
-    """Bitwise equal; float64 to 2 ulp, for the reason ``assert_same_loss`` gives."""
+    """Bitwise equal."""
     got, want = np.asarray(got), np.asarray(want)
-    if got.dtype == np.float64:
-        assert_same_loss(got, want, msg)
-    else:
-        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=msg)
-
-
-def kernels_of_one_kind() -> bool:
-    """Whether the CPU kernels this process ran were all compiled in it or all loaded from
-    Numba's cache: only then do two kernels that do the same arithmetic give the same bits
-    (docs/cpu.md, "Known limitation")."""
-    from nbxent import _cpu, _cpu_split
-
-    hits = misses = False
-    for module in (_cpu, _cpu_split):
-        for obj in vars(module).values():
-            stats = getattr(obj, "stats", None)
-            if stats is not None and hasattr(stats, "cache_hits"):
-                hits |= bool(stats.cache_hits)
-                misses |= bool(stats.cache_misses)
-    return not (hits and misses)
-
-
-def assert_near_bits(got, want, msg=""):
-    """Within the known limitation's reach: 4 ulp of float32/float64 and one step of 16 bits,
-    of each entry or of the largest (a gradient's small entries are differences of larger
-    terms, and 16-bit ones may be subnormal)."""
-    got, want = np.asarray(got), np.asarray(want)
-    if got.dtype.itemsize == 2:
-        g32, w32 = got.astype(np.float32), want.astype(np.float32)
-        np.testing.assert_array_equal(np.isnan(g32), np.isnan(w32), err_msg=msg)
-        step = 2.0 ** -(7 if got.dtype != np.float16 else 10)
-        fin = np.isfinite(w32)
-        atol = step * np.max(np.abs(w32[fin]), initial=0)
-        np.testing.assert_allclose(g32[fin], w32[fin], rtol=step, atol=atol, err_msg=msg)
-        return
-    finite = np.isfinite(want)
-    np.testing.assert_array_equal(got[~finite], want[~finite], err_msg=msg)
-    eps = 4 * np.finfo(got.dtype).eps
-    np.testing.assert_allclose(
-        got[finite], want[finite], rtol=eps, atol=eps * np.max(np.abs(want[finite]), initial=0), err_msg=msg
-    )
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=msg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -582,12 +535,9 @@ def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
     """Calls with fewer rows than threads split each row's blocks among threads
     (``_cpu_split``): loss alone, fused out of place, in place (split for 16-bit logits, not
     for float ones), logsumexp, softmax and log-softmax (in place too; 16-bit ones through
-    a float32 scratch) give the bits of one
-    thread a row, for any number of parts (more parts than blocks included), every option,
-    and the rows that fall back to one thread (a reference max raised, masked leading blocks,
-    NaN, +inf). Against one thread a row, exactly where both kernels came from the same code
-    generator (``kernels_of_one_kind``: a process that compiled one and loaded the other from
-    the cache can differ in the last bits, the known limitation); among part counts, always."""
+    a float32 scratch) give the bits of one thread a row, for any number of parts (more parts
+    than blocks included), every option, and the rows that fall back to one thread (a
+    reference max raised, masked leading blocks, NaN, +inf)."""
     from nbxent import _backend_cpu
     from nbxent._cpu import EXP_CLAMP, STATS_BLOCK
 
@@ -636,13 +586,11 @@ def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
             rng = np.random.default_rng(seed)
             with np.errstate(invalid="ignore"):
                 split[parts] = results(opts) + normalized()
-        exact = kernels_of_one_kind()
         for parts, got in split.items():
             for k, (a, b) in enumerate(zip(got, split[2], strict=True)):
                 np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), f"{opts} parts={parts} result {k}")
             for k, (a, b) in enumerate(zip(got, one_thread, strict=True)):
-                msg = f"{opts} parts={parts} result {k} against one thread"
-                (assert_same_bits if exact else assert_near_bits)(a, b, msg)
+                assert_same_bits(a, b, f"{opts} parts={parts} result {k} against one thread")
         check(x[[0, 5, 6]], t[[0, 5, 6]], reduction="none", **opts)  # split, against the reference
 
 
@@ -651,8 +599,7 @@ def test_rows_split_along_the_vocabulary_give_the_same_bits(dtype, monkeypatch):
 def test_split_rows_of_odd_lengths(dtype, n_cols, monkeypatch):
     """The split at row lengths around the block size (a last block of one logit, exactly two
     blocks, a prime length), fresh random rows, targets in the first and last blocks, in 2 and
-    5 parts (more parts than blocks): the bits of one thread a row (to the known limitation's
-    tolerance in a process of mixed kernels, see ``kernels_of_one_kind``), and the reference."""
+    5 parts (more parts than blocks): the bits of one thread a row, and the reference."""
     from nbxent import _backend_cpu
 
     rng = fresh_rng()
@@ -671,9 +618,8 @@ def test_split_rows_of_odd_lengths(dtype, n_cols, monkeypatch):
     for parts in (2, 5):
         monkeypatch.setattr(_backend_cpu, "split_parts", lambda n_rows, n_cols, parts=parts: parts)
         got = calls()
-        exact = kernels_of_one_kind()
         for k, (a, b) in enumerate(zip(got, want, strict=True)):
-            (assert_same_bits if exact else assert_near_bits)(a, b, f"V={n_cols} parts={parts} result {k}")
+            assert_same_bits(a, b, f"V={n_cols} parts={parts} result {k}")
     check(x, t, reduction="none", **opts)
 
 
@@ -863,7 +809,7 @@ def test_blocks_summed_against_a_lower_reference_max(dtype, options):
 def test_loss_alone_equals_the_fused_loss_bit_for_bit(dtype):
     """The loss-only call and the fused call sum each row in the same loops, so their losses
     are the same bits: odd lengths (vector remainders), masked leading blocks, smoothing,
-    soft-capping with and without smoothing (float64 to 2 ulp: see ``assert_same_loss``)."""
+    soft-capping with and without smoothing."""
     from nbxent._cpu import STATS_BLOCK
 
     rng = fresh_rng()
