@@ -1,8 +1,7 @@
 """Numba CPU kernels for calls with fewer rows than threads: each row's vocabulary is split
 among threads, and the results are bitwise those of the one-thread-a-row kernels of ``_cpu``
-(``xent_range``, ``xent_range_16``, ``normalize_range``, ``normalize_range_16``), within a
-process whose kernels are all compiled in it or all loaded from the cache (docs/cpu.md item 6
-and its known limitation).
+(``xent_range``, ``xent_range_16``, ``normalize_range``, ``normalize_range_16``), whether
+each was compiled in the process or loaded from the cache (docs/cpu.md item 6).
 
 ``_cpu.row_stats`` sums a row block by block against one reference max ``m0`` (taken from
 the row's first logits) and raises it only where a block's sum reaches ``RESUM_AT``; where
