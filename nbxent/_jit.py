@@ -55,12 +55,13 @@ _OPTIONS = {"cache": CACHE, "error_model": "numpy"}  # "numpy": no ZeroDivisionE
 # and a process that loaded the kernel from the cache ran the kernel's linked copy; where a
 # sum carries ``reassoc`` the two copies can order it differently, so the first process after
 # an install and every later one gave losses a last bit apart (docs/cpu.md, "Compiled and
-# cached kernels"). So, once the callees are linked in, the weak copies are renamed with a tag
-# of their library (a hash of the names it exports: function and signature), leaving a call
-# nothing else to bind to; and the module handed on for linking into callers gets the plain
-# names back, so that callers merge the copies as before. The machine code is that of a kernel
-# loaded from the cache: same copies, same linkage, so the same inlining. Only libraries
-# holding this package's code are touched (Numba mangles its names ``_ZN6nbxent...``).
+# cached kernels give the same bits"). So, once the callees are linked in, the weak copies are
+# renamed with a tag of their library (a hash of the names it exports: function and
+# signature), leaving a call nothing else to bind to; and the module handed on for linking
+# into callers gets the plain names back, so that callers merge the copies as before. The
+# machine code is that of a kernel loaded from the cache: same copies, same linkage, so the
+# same inlining. Only libraries holding this package's code are touched (Numba mangles its
+# names ``_ZN6nbxent...``).
 _OWN_CODE = "_ZN6nbxent"
 
 
