@@ -648,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.simplefilter("ignore", RuntimeWarning)
         sys.setswitchinterval(5e-4)
+        from tests.cudasim import one_shared_array_per_block  # the simulator's race (docs/gpu.md)
+
+        one_shared_array_per_block()
     if args.tunables:
         _cuda.THREADS, _cuda.UNROLL, _cuda.BLOCKS_PER_SM, _cuda.PREFETCH = args.tunables
     arrays = Arrays(simulator)
