@@ -105,13 +105,29 @@ def _dtype_name(dtype) -> str:
     return np.dtype(dtype).name
 
 
+def check_native(dtype, what: str, fix: str = "") -> None:
+    """TypeError for numbers stored in the other byte order (a big-endian ``'>f4'`` on this
+    machine): the kernels read memory as native numbers, so Numba refused the float32/64
+    kinds with an internal typing error and read byte-swapped float16 bits as other numbers
+    (a loss of 3e22 for 2.7). Arrays that are converted before use (targets, class weights,
+    ``grad_output``) need no check. ``fix`` replaces the hint to convert."""
+    dtype = np.dtype(dtype)
+    if not dtype.isnative:
+        order = "big" if dtype.byteorder == ">" else "little"
+        raise TypeError(
+            f"{what} has dtype {dtype.str!r}: {order}-endian {dtype.name}, not this machine's byte order; "
+            + (fix or f"convert with {what}.astype(np.{dtype.name})")
+        )
+
+
 def logit_dtype_name(dtype: np.dtype) -> str:
-    """The name of a supported logits dtype; TypeError for anything else."""
+    """The name of a supported logits dtype in native byte order; TypeError for anything else."""
     name = _dtype_name(dtype)
     if name not in LOGIT_DTYPES:
         raise TypeError(
             f"logits must be float16, bfloat16, float32 or float64, got {name}; convert with logits.astype(np.float32)"
         )
+    check_native(dtype, "logits")
     return name
 
 
@@ -180,6 +196,7 @@ def check_out(shape: tuple[int, ...], dtype: np.dtype, logits_shape: tuple[int, 
     """``out`` must match the logits in shape and dtype."""
     if tuple(shape) != tuple(logits_shape):
         raise ValueError(f"out has shape {tuple(shape)} but must have the logits' shape {tuple(logits_shape)}")
+    check_native(dtype, "out", "pass an array in native order, such as np.empty_like(logits)")
     if np.dtype(dtype) != np.dtype(logits_dtype):
         raise TypeError(
             f"out has dtype {np.dtype(dtype).name} but must have the logits' dtype {np.dtype(logits_dtype).name}"

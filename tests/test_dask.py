@@ -477,6 +477,7 @@ def _bad_inputs():
         "0-d logits": (np.zeros((), np.float32), np.array(0), {}),
         "empty vocabulary": (np.zeros((4, 0), np.float32), targets, {}),
         "float targets": (logits, targets.astype(np.float32), {}),
+        "big-endian logits": (logits.astype(">f4"), targets, {}),
         "targets shape": (logits, np.array([0, 1, 2]), {}),
         "reduction": (logits, targets, {"reduction": "avg"}),
         "ignore_index type": (logits, targets, {"ignore_index": 1.5}),
@@ -515,7 +516,7 @@ def _escaped(error) -> str:
     return re.escape(str(error))
 
 
-@pytest.mark.parametrize("case", ["integer logits", "0-d logits", "empty vocabulary"])
+@pytest.mark.parametrize("case", ["integer logits", "0-d logits", "empty vocabulary", "big-endian logits"])
 def test_bad_logits_logsumexp(case):
     logits = BAD[case][0]
     with pytest.raises((TypeError, ValueError)) as memory:

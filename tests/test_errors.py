@@ -108,6 +108,27 @@ def test_bad_arrays(fn, case):
     )
     raises(ValueError, r"weight has shape \(1, 10\)", fn, logits, targets, weight=np.ones((1, V)))
     raises(TypeError, "weight must hold real numbers", fn, logits, targets, weight=np.array(["a"] * V))
+    for kind in ("f2", "f4", "f8"):  # Numba refused '>f4' with a typing error and misread '>f2' bits
+        swapped = logits.astype(">" + kind)
+        raises(TypeError, f"logits has dtype '>{kind}': big-endian float.*astype", fn, swapped, targets)
+
+
+@pytest.mark.parametrize("fn", ALL_LOSSES)
+def test_byte_swapped_small_arrays_are_read_by_value(fn, case):
+    """Targets, class weights and grad_output are converted before any kernel reads them, so
+    their byte order does not matter; only the logits and ``out`` must be native."""
+    logits, targets = case
+    weight = fresh_rng().random(V)
+    options = {"weight": weight, "reduction": "none"}
+    swapped = {"weight": weight.astype(">f8"), "reduction": "none"}
+    if fn is nx.cross_entropy_backward:
+        go = fresh_rng().random(4).astype(np.float32)
+        options["grad_output"], swapped["grad_output"] = go, go.astype(">f4")
+    expected = fn(logits, targets, **options)
+    got = fn(logits, targets.astype(">i8"), **swapped)
+    pairs = zip(expected, got, strict=True) if isinstance(expected, tuple) else [(expected, got)]
+    for a, b in pairs:
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("fn", [nx.cross_entropy_with_grad, nx.cross_entropy_backward])
@@ -130,6 +151,14 @@ def test_bad_out_and_grad_output(fn, case):
         out=np.empty((4, V)),
     )
     raises(TypeError, "out must be a NumPy array", fn, logits, targets, out=[[0.0] * V] * 4)
+    raises(
+        TypeError,
+        "out has dtype '>f4': big-endian float32.*np.empty_like",
+        fn,
+        logits,
+        targets,
+        out=logits.astype(">f4"),
+    )
     readonly = np.empty_like(logits)
     readonly.flags.writeable = False
     raises(ValueError, "out is read-only", fn, logits, targets, out=readonly)
@@ -165,6 +194,7 @@ def test_normalizations_reject_bad_logits(fn):
     raises(TypeError, "logits must be float16, bfloat16, float32 or float64", fn, np.arange(6).reshape(2, 3))
     raises(ValueError, "at least one axis", fn, np.float64(2.0))
     raises(ValueError, "empty vocabulary axis", fn, np.zeros((2, 0)))
+    raises(TypeError, "logits has dtype '>f8': big-endian float64", fn, np.zeros((2, 3), ">f8"))
 
 
 @pytest.mark.parametrize("fn", [nx.softmax, nx.log_softmax])
@@ -172,6 +202,7 @@ def test_normalizations_reject_bad_out(fn):
     x = np.zeros((2, 3), np.float32)
     raises(ValueError, "out has shape", fn, x, out=np.zeros((3, 2), np.float32))
     raises(TypeError, "out has dtype float16", fn, x, out=np.zeros((2, 3), np.float16))
+    raises(TypeError, "out has dtype '>f4': big-endian", fn, x, out=np.zeros((2, 3), ">f4"))
 
 
 def test_failed_calls_leave_inputs_untouched(case):

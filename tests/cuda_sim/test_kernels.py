@@ -365,6 +365,10 @@ def test_host_device_mixing_errors(rng):
         nx.cross_entropy(d_logits, targets, stream="default")
     with pytest.raises(TypeError, match="targets must have an integer dtype"):
         nx.cross_entropy(d_logits, to_device(targets.astype(np.float32)))
+    with pytest.raises(TypeError, match="logits has dtype '>f4': big-endian float32"):
+        nx.cross_entropy(to_device(logits.astype(">f4")), targets)
+    swapped = nx.cross_entropy(d_logits, to_device(targets.astype(">i8")), weight=to_device(np.ones(8, ">f8")))
+    assert host(swapped) == host(nx.cross_entropy(d_logits, targets, weight=to_device(np.ones(8))))  # read by value
     assert np.isfinite(host(nx.cross_entropy(d_logits, targets, stream=cuda.stream())))
 
 
