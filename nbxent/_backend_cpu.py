@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from typing import NamedTuple
 
@@ -26,13 +27,57 @@ from ._cpu import HALF_BF16, HALF_F16, MODE_LSE
 _LOCK = threading.Lock()
 _SAFE_LAYERS = ("tbb", "omp")
 
+# Whether this process was forked from one whose GNU OpenMP thread pool was running (Numba's
+# ``omp`` layer with libgomp, the layer of a pip-installed Numba without TBB). Such a child
+# cannot use the pool: Numba terminates it on its first parallel launch ("Terminating: fork()
+# called from a process already using GNU OpenMP, this is unsafe."), so a multiprocessing
+# Pool (fork, Linux's default) whose workers called nbxent hung, each worker killed as it
+# started. A child so forked runs every kernel on its own thread (``threads`` is 1), as PyTorch
+# does in forked children; the bits are the same as on any thread count.
+_POOL_LOST = False
+
+
+def _after_fork_in_child() -> None:
+    global _POOL_LOST
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # the parent started no pool: the child may start its own
+        return
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+
+        _POOL_LOST = _POOL_LOST or getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def threads() -> int:
+    """Numba's thread count for this thread, or 1 in a child forked from a running GNU
+    OpenMP pool (``_POOL_LOST``)."""
+    return 1 if _POOL_LOST else numba.get_num_threads()
+
+
+@functools.cache
+def _serial_twin(kernel):
+    """``kernel`` compiled without ``parallel`` (its ``prange`` loops become plain loops), for
+    a child that has lost the thread pool; compiled there on first use, not cached on disk
+    (its cache file would be the parallel kernel's)."""
+    options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}  # njit's own
+    return numba.njit(**{**options, "parallel": False})(kernel.py_func)
+
 
 def launch(kernel, *args) -> None:
     """Run a parallel kernel; serialized when the threading layer is not thread-safe.
 
     Numba's ``workqueue`` layer must not be entered from two threads at once; the layer is
-    only known after the first parallel call, so that call is serialized too.
+    only known after the first parallel call, so that call is serialized too. In a child
+    that has lost the thread pool (``_POOL_LOST``) the kernel's serial twin runs instead: the
+    row kernels never get here there (``threads`` is 1), the ``nbxent.dask`` block kernels do.
     """
+    if _POOL_LOST:
+        _serial_twin(kernel)(*args)
+        return
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel region has run yet
@@ -61,10 +106,10 @@ def run_rows(kernel, range_fn, n_rows: int, n_cols: int, *args, row_logits: int 
     through the parallel ``kernel`` with a few row ranges per thread. A row counts as
     ``row_logits`` logits more than it has."""
     small = n_rows * (n_cols + row_logits) < SERIAL_BELOW
-    if small or n_rows == 1 or (threads := numba.get_num_threads()) == 1:
+    if small or n_rows == 1 or (n_threads := threads()) == 1:
         range_fn(0, n_rows, *args)
     else:
-        launch(kernel, min(n_rows, 4 * threads), n_rows, *args)
+        launch(kernel, min(n_rows, 4 * n_threads), n_rows, *args)
 
 
 # Below this many logits, splitting rows among threads (``split_parts``) did not pay: one row
@@ -78,9 +123,9 @@ def split_parts(n_rows: int, n_cols: int) -> int:
     fewer than threads, each of more than one block of ``_cpu.STATS_BLOCK``, and enough work to
     wake the threads for. About 4 parts a thread, for balance. The split changes no bit."""
     n_blocks = -(-n_cols // _cpu.STATS_BLOCK)
-    if n_rows * n_cols < SPLIT_BELOW or n_blocks < 2 or n_rows >= (threads := numba.get_num_threads()):
+    if n_rows * n_cols < SPLIT_BELOW or n_blocks < 2 or n_rows >= (n_threads := threads()):
         return 1
-    return min(n_blocks, -(-4 * threads // max(n_rows, 1)))
+    return min(n_blocks, -(-4 * n_threads // max(n_rows, 1)))
 
 
 def acc_dtype(dtype: np.dtype) -> type:

@@ -668,6 +668,63 @@ def test_concurrent_calls_from_python_threads():
     assert not errors, errors
 
 
+FORKED = r"""
+import multiprocessing as mp, sys
+import numpy as np, numba
+import nbxent as nx
+try:
+    import dask, dask.array as da, nbxent.dask as nxd
+except ImportError:
+    dask = None
+rng = np.random.default_rng(int(sys.argv[1]))
+cases = [  # rows over the threads, one row split among them, short rows
+    (rng.standard_normal((64, 3000)).astype(np.float32), rng.integers(0, 3000, 64)),
+    (rng.standard_normal((1, 300000)).astype(np.float32), rng.integers(0, 300000, 1)),
+    (rng.standard_normal((4096, 10)).astype(np.float32), rng.integers(0, 10, 4096)),
+]
+
+def run(_=None):
+    out = [nx.cross_entropy_with_grad(x, t, label_smoothing=0.1) for x, t in cases]
+    out.append(nx.logsumexp(cases[1][0]))
+    if dask is not None:  # the block kernels, launched one thread a block
+        x, t = cases[0]
+        with dask.config.set(scheduler="synchronous"):
+            out.append(dask.compute(*nxd.cross_entropy_with_grad(da.from_array(x, chunks=(32, 1024)), t)))
+    return out
+
+def flat(results):
+    for r in results:
+        yield from (flat(r) if isinstance(r, tuple) else [np.asarray(r)])
+
+if __name__ == "__main__":
+    numba.set_num_threads(2)
+    want = list(flat(run()))  # starts the thread pool
+    print("layer", numba.threading_layer(), flush=True)
+    with mp.get_context("fork").Pool(2) as pool:
+        for got in pool.map(run, range(2)):
+            got = list(flat(got))
+            assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    print("same bits in forked children", flush=True)
+"""
+
+
+def test_forked_children_of_a_running_pool(tmp_path):
+    """A multiprocessing Pool forked after nbxent ran on threads: Numba's GNU OpenMP layer
+    terminated each worker on its first parallel launch and the Pool hung. Such children now
+    run every kernel on their own thread (``_backend_cpu._POOL_LOST``), with the parent's bits;
+    a hang fails at the timeout."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    seed = str(fresh_rng().integers(2**32))
+    done = subprocess.run([sys.executable, str(script), seed], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "same bits in forked children" in done.stdout
+    assert "Terminating" not in done.stderr
+
+
 # Every option combination at once, on small shapes.
 @pytest.mark.parametrize(
     "reduction,smoothing,weighted,z,cap",
