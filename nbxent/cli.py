@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--no-first-call", action="store_true", help="skip the cold/warm first-call probe")
     sub.add_parser("info", help="versions, threading layer, threads, CUDA")
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.threads:
+        import numba
+
+        if args.threads > (most := numba.config.NUMBA_NUM_THREADS):
+            p_bench.error(f"argument --threads: {args.threads} is more than Numba's {most} threads on this machine")
     if args.command == "info":
         print(info())
     else:

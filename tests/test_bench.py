@@ -213,3 +213,13 @@ def test_bench_prints_the_first_call_line(no_scipy, monkeypatch, capsys):
         assert "SciPy" not in line[0]
     else:
         assert "with SciPy hidden" in line[0] and "warm 0.45 s, floor 0.41 s" in line[0]
+
+
+def test_bench_refuses_more_threads_than_numba_has(capsys):
+    import numba
+
+    too_many = numba.config.NUMBA_NUM_THREADS + 1
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--threads", str(too_many), "--no-torch", "--no-numpy", "--no-first-call"])
+    assert stop.value.code == 2  # argparse's usage error, not a traceback from numba.set_num_threads
+    assert f"{too_many} is more than Numba's" in capsys.readouterr().err
