@@ -470,9 +470,10 @@ def _check_head(hidden, weight, bias) -> tuple[int, int]:
         raise ValueError("hidden must have at least one axis (the hidden axis, last); got a 0-d array")
     n_hidden = int(hidden.shape[-1])
     for label, array in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if array is not None:
-            _checks.check_native(array.dtype, label)
-        if array is not None and np.dtype(array.dtype) != np.dtype(name):
+        if array is None:
+            continue
+        _checks.check_native(array.dtype, label)
+        if np.dtype(array.dtype) != np.dtype(name):
             raise TypeError(
                 f"{label} has dtype {np.dtype(array.dtype).name} but hidden has {name}; they must match: "
                 f"convert with {label}.astype(np.{name})"

@@ -455,8 +455,8 @@ def test_bad_hidden_weight_bias(fn, good):
         t,
     )
     raises(TypeError, "bias has dtype float64 but hidden has float32", fn, h, w, t, bias=b.astype(np.float64))
-    for name, swapped in (("hidden", (h.astype(">f4"), w, b)), ("weight", (h, w.astype(">f4"), b))):
-        raises(TypeError, f"{name} has dtype '>f4': big-endian float32", fn, swapped[0], swapped[1], t, bias=swapped[2])
+    raises(TypeError, "hidden has dtype '>f4': big-endian float32", fn, h.astype(">f4"), w, t, bias=b)
+    raises(TypeError, "weight has dtype '>f4': big-endian float32", fn, h, w.astype(">f4"), t, bias=b)
     raises(TypeError, "bias has dtype '>f4': big-endian float32", fn, h, w, t, bias=b.astype(">f4"))
     raises(ValueError, "hidden must have at least one axis", fn, np.float32(1.0), w, t)
     raises(
